@@ -1,0 +1,238 @@
+//! The read cache of `cached` volumes: byte ranges of segment objects, kept in one local
+//! file of fixed-size chunks with CLOCK eviction.
+//!
+//! Objects are immutable, so a cached chunk never goes stale; it can only be evicted. The
+//! cache stores object bytes as fetched (frames with their checksums), so every read through
+//! it is verified again, and local corruption is caught like remote corruption.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+pub const CHUNK_SIZE: u64 = 256 * 1024;
+
+#[derive(Debug)]
+struct Slot {
+    key: Option<(Arc<str>, u64)>,
+    valid: u64,
+    referenced: bool,
+}
+
+#[derive(Debug, Default)]
+struct Index {
+    by_chunk: HashMap<(Arc<str>, u64), usize>,
+    slots: Vec<Slot>,
+    hand: usize,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CacheStats {
+    pub hits: u64,
+    pub misses: u64,
+    pub evictions: u64,
+    pub used_bytes: u64,
+    pub capacity_bytes: u64,
+}
+
+#[derive(Debug)]
+pub struct ChunkCache {
+    file: File,
+    capacity_slots: usize,
+    index: Mutex<Index>,
+    stats: Mutex<CacheStats>,
+}
+
+impl ChunkCache {
+    /// Opens (emptying) the cache file at `path` holding up to `capacity` bytes.
+    pub fn create(path: &Path, capacity: u64) -> std::io::Result<ChunkCache> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)?;
+        let capacity_slots = usize::try_from(capacity / CHUNK_SIZE)
+            .unwrap_or(usize::MAX)
+            .max(1);
+        Ok(ChunkCache {
+            file,
+            capacity_slots,
+            index: Mutex::new(Index::default()),
+            stats: Mutex::new(CacheStats {
+                capacity_bytes: capacity_slots as u64 * CHUNK_SIZE,
+                ..CacheStats::default()
+            }),
+        })
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        self.stats.lock().map(|s| *s).unwrap_or_default()
+    }
+
+    fn count(&self, update: impl FnOnce(&mut CacheStats)) {
+        if let Ok(mut stats) = self.stats.lock() {
+            update(&mut stats);
+        }
+    }
+
+    /// Copies object bytes `[start, start + out.len())` of `key` into `out` if every chunk
+    /// they touch is cached with enough valid bytes.
+    pub fn read(&self, key: &Arc<str>, start: u64, out: &mut [u8]) -> bool {
+        let end = start + out.len() as u64;
+        let mut plan = Vec::new();
+        {
+            let Ok(mut index) = self.index.lock() else {
+                return false;
+            };
+            let mut at = start;
+            while at < end {
+                let chunk = at / CHUNK_SIZE;
+                let chunk_start = chunk * CHUNK_SIZE;
+                let take_end = end.min(chunk_start + CHUNK_SIZE);
+                let Some(&slot) = index.by_chunk.get(&(key.clone(), chunk)) else {
+                    drop(index);
+                    self.count(|s| s.misses += 1);
+                    return false;
+                };
+                if chunk_start + index.slots[slot].valid < take_end {
+                    drop(index);
+                    self.count(|s| s.misses += 1);
+                    return false;
+                }
+                index.slots[slot].referenced = true;
+                plan.push((slot, at - chunk_start, at - start, take_end - at));
+                at = take_end;
+            }
+        }
+        for (slot, within, out_at, length) in plan {
+            let out_at = usize::try_from(out_at).unwrap_or(0);
+            let length = usize::try_from(length).unwrap_or(0);
+            let position = slot as u64 * CHUNK_SIZE + within;
+            if self
+                .file
+                .read_exact_at(&mut out[out_at..out_at + length], position)
+                .is_err()
+            {
+                return false;
+            }
+        }
+        self.count(|s| s.hits += 1);
+        true
+    }
+
+    /// Stores fetched object bytes starting at a chunk boundary `start`.
+    pub fn insert(&self, key: &Arc<str>, start: u64, bytes: &[u8]) {
+        debug_assert_eq!(start % CHUNK_SIZE, 0);
+        for (n, piece) in bytes
+            .chunks(usize::try_from(CHUNK_SIZE).unwrap_or(usize::MAX))
+            .enumerate()
+        {
+            let chunk = start / CHUNK_SIZE + n as u64;
+            let slot = {
+                let Ok(mut index) = self.index.lock() else {
+                    return;
+                };
+                let slot = match index.by_chunk.get(&(key.clone(), chunk)) {
+                    Some(&slot) if index.slots[slot].valid >= piece.len() as u64 => continue,
+                    Some(&slot) => slot,
+                    None => self.take_slot(&mut index),
+                };
+                // Unindexed while being written, so no reader sees half a chunk.
+                index.slots[slot].key = None;
+                index.by_chunk.remove(&(key.clone(), chunk));
+                slot
+            };
+            if self
+                .file
+                .write_all_at(piece, slot as u64 * CHUNK_SIZE)
+                .is_err()
+            {
+                continue;
+            }
+            if let Ok(mut index) = self.index.lock() {
+                index.slots[slot] = Slot {
+                    key: Some((key.clone(), chunk)),
+                    valid: piece.len() as u64,
+                    referenced: false,
+                };
+                index.by_chunk.insert((key.clone(), chunk), slot);
+            }
+        }
+        let used = self
+            .index
+            .lock()
+            .map(|i| i.by_chunk.len() as u64 * CHUNK_SIZE)
+            .unwrap_or(0);
+        self.count(|s| s.used_bytes = used);
+    }
+
+    /// Drops the chunks of `[start, end)` of `key` (after they failed verification).
+    pub fn invalidate(&self, key: &Arc<str>, start: u64, end: u64) {
+        if let Ok(mut index) = self.index.lock() {
+            for chunk in start / CHUNK_SIZE..end.div_ceil(CHUNK_SIZE) {
+                if let Some(slot) = index.by_chunk.remove(&(key.clone(), chunk)) {
+                    index.slots[slot].key = None;
+                    index.slots[slot].valid = 0;
+                }
+            }
+        }
+    }
+
+    fn take_slot(&self, index: &mut Index) -> usize {
+        if index.slots.len() < self.capacity_slots {
+            index.slots.push(Slot {
+                key: None,
+                valid: 0,
+                referenced: false,
+            });
+            return index.slots.len() - 1;
+        }
+        loop {
+            let hand = index.hand;
+            index.hand = (hand + 1) % index.slots.len();
+            let slot = &mut index.slots[hand];
+            if slot.referenced {
+                slot.referenced = false;
+                continue;
+            }
+            if let Some(old) = slot.key.take() {
+                index.by_chunk.remove(&old);
+                self.count(|s| s.evictions += 1);
+            }
+            return hand;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hits_misses_and_eviction() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ChunkCache::create(&dir.path().join("c"), 2 * CHUNK_SIZE).unwrap();
+        let key: Arc<str> = Arc::from("k");
+        let data: Vec<u8> = (0..CHUNK_SIZE * 2 + 10).map(|i| (i % 253) as u8).collect();
+        let mut out = vec![0u8; 100];
+        assert!(!cache.read(&key, 5, &mut out));
+        cache.insert(&key, 0, &data[..(2 * CHUNK_SIZE) as usize]);
+        assert!(cache.read(&key, CHUNK_SIZE - 50, &mut out));
+        assert_eq!(
+            out,
+            &data[(CHUNK_SIZE - 50) as usize..(CHUNK_SIZE + 50) as usize]
+        );
+        // A third chunk evicts one of the first two.
+        cache.insert(&key, 2 * CHUNK_SIZE, &data[(2 * CHUNK_SIZE) as usize..]);
+        assert_eq!(cache.stats().evictions, 1);
+        let mut tail = vec![0u8; 10];
+        assert!(cache.read(&key, 2 * CHUNK_SIZE, &mut tail));
+        // Past the valid bytes of a partial chunk is a miss.
+        let mut past = vec![0u8; 20];
+        assert!(!cache.read(&key, 2 * CHUNK_SIZE, &mut past));
+        cache.invalidate(&key, 2 * CHUNK_SIZE, 2 * CHUNK_SIZE + 1);
+        assert!(!cache.read(&key, 2 * CHUNK_SIZE, &mut tail));
+    }
+}

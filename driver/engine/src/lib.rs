@@ -1,0 +1,838 @@
+//! The blockgate volume engine.
+//!
+//! An [`Engine`] owns the volumes of one gateway: their write logs and local state under a
+//! data directory, and their data in an object store laid out by `blockgate-blockstore`. It
+//! knows nothing of NBD, gRPC or Kubernetes: frontends call [`Volume::read`],
+//! [`Volume::write`], [`Volume::flush`] and friends.
+//!
+//! Invariants kept here (DESIGN.md §9): a write is acknowledged only once it is in the write
+//! log, and a flush returns only once the log is durable; objects are immutable and verified
+//! on every read; a full log makes writes wait, never fail; the bucket alone can rebuild every
+//! volume and snapshot.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use blockgate_blockstore::documents::{
+    self, Mode, SnapshotManifest, Source, Tombstone, VolumeDescriptor,
+};
+use blockgate_blockstore::keys::{self, Name};
+use blockgate_objstore::{ObjectStore, ObjectStoreError};
+use serde::Serialize;
+
+mod cache;
+mod config;
+mod error;
+pub mod extent_map;
+mod log;
+mod remote;
+mod volume;
+
+pub use config::EngineConfig;
+pub use error::EngineError;
+pub use volume::{Volume, VolumeCounters, VolumeStatus};
+
+use remote::RemoteState;
+use volume::{LocalState, OpenParams};
+
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// What a new volume starts from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VolumeSource {
+    Empty,
+    Snapshot(String),
+    Volume(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct VolumeSpec {
+    pub id: String,
+    /// Bytes; 0 takes the source snapshot's size.
+    pub size: u64,
+    pub mode: Mode,
+    pub source: VolumeSource,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub id: String,
+    pub volume: String,
+    pub size: u64,
+    pub ready: bool,
+    pub parent: Option<String>,
+    pub created_unix: u64,
+    pub internal: bool,
+}
+
+impl SnapshotInfo {
+    fn from_manifest(manifest: &SnapshotManifest) -> SnapshotInfo {
+        SnapshotInfo {
+            id: manifest.id.clone(),
+            volume: manifest.volume.clone(),
+            size: manifest.size,
+            ready: true,
+            parent: manifest.parent.clone(),
+            created_unix: manifest.created_unix,
+            internal: manifest.internal,
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct GcReport {
+    pub deleted_segments: u64,
+    pub deleted_checkpoints: u64,
+    pub waiting_for_grace: u64,
+    pub purged_volumes: Vec<String>,
+}
+
+#[derive(Debug)]
+pub struct Engine {
+    store: Arc<dyn ObjectStore>,
+    dir: PathBuf,
+    config: Arc<EngineConfig>,
+    volumes: Mutex<BTreeMap<String, Arc<Volume>>>,
+    /// Serialises volume and snapshot lifecycle changes and garbage collection.
+    admin: tokio::sync::Mutex<()>,
+    gc_candidates: Mutex<HashMap<String, Instant>>,
+    _lock: std::fs::File,
+}
+
+impl Engine {
+    /// Opens the gateway state in `dir` on `store`: every volume the bucket holds is opened,
+    /// its write log replayed; a volume with no local state is taken over from the bucket
+    /// with a new writer epoch.
+    pub async fn open(
+        dir: &Path,
+        store: Arc<dyn ObjectStore>,
+        config: EngineConfig,
+    ) -> Result<Arc<Engine>, EngineError> {
+        let volumes_dir = dir.join("volumes");
+        std::fs::create_dir_all(&volumes_dir).map_err(|e| EngineError::local(&volumes_dir, e))?;
+        let lock_path = dir.join("lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| EngineError::local(&lock_path, e))?;
+        // SAFETY: flock on a descriptor we own; the lock lives as long as the file.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(EngineError::DirectoryLocked {
+                path: dir.to_path_buf(),
+            });
+        }
+        let engine = Arc::new(Engine {
+            store,
+            dir: dir.to_path_buf(),
+            config: Arc::new(config),
+            volumes: Mutex::new(BTreeMap::new()),
+            admin: tokio::sync::Mutex::new(()),
+            gc_candidates: Mutex::new(HashMap::new()),
+            _lock: lock,
+        });
+        for id in list_volume_ids(&*engine.store).await? {
+            let Some(descriptor) = engine.descriptor(&id).await? else {
+                continue;
+            };
+            if engine.is_tombstoned(&id).await? {
+                let local = engine.volume_dir(&id);
+                if local.exists() {
+                    std::fs::remove_dir_all(&local).map_err(|e| EngineError::local(&local, e))?;
+                }
+                continue;
+            }
+            match engine.open_volume(&descriptor).await {
+                Ok(volume) => {
+                    engine.volumes_lock()?.insert(id, volume);
+                }
+                Err(error @ EngineError::Fenced { .. }) => {
+                    tracing::error!(volume = %id, %error, "volume not opened");
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(engine)
+    }
+
+    fn volumes_lock(
+        &self,
+    ) -> Result<std::sync::MutexGuard<'_, BTreeMap<String, Arc<Volume>>>, EngineError> {
+        self.volumes
+            .lock()
+            .map_err(|_| EngineError::InvalidArgument("engine state poisoned".to_string()))
+    }
+
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    fn volume_dir(&self, id: &str) -> PathBuf {
+        self.dir.join("volumes").join(id)
+    }
+
+    async fn descriptor(&self, id: &str) -> Result<Option<VolumeDescriptor>, EngineError> {
+        let key = keys::descriptor_key(id);
+        match self.store.get(&key).await {
+            Ok(bytes) => documents::decode(&key, &bytes)
+                .map(Some)
+                .map_err(|source| EngineError::Corrupt { key, source }),
+            Err(ObjectStoreError::NotFound { .. }) => Ok(None),
+            Err(error) => Err(EngineError::store("read volume descriptor", error)),
+        }
+    }
+
+    async fn is_tombstoned(&self, id: &str) -> Result<bool, EngineError> {
+        match self.store.get(&keys::tombstone_key(id)).await {
+            Ok(_) => Ok(true),
+            Err(ObjectStoreError::NotFound { .. }) => Ok(false),
+            Err(error) => Err(EngineError::store("read volume tombstone", error)),
+        }
+    }
+
+    async fn open_volume(&self, descriptor: &VolumeDescriptor) -> Result<Arc<Volume>, EngineError> {
+        let id = &descriptor.id;
+        let dir = self.volume_dir(id);
+        let local = volume::read_local_state(&dir)?;
+        let mut remote = remote::recover(&*self.store, id, descriptor.size).await?;
+        let local = match local {
+            Some(local) => {
+                if remote.checkpoint.epoch > local.epoch {
+                    return Err(EngineError::Fenced {
+                        volume: id.clone(),
+                        ours: local.epoch,
+                        current: remote.checkpoint.epoch,
+                    });
+                }
+                local
+            }
+            None => {
+                // Taking the volume over from the bucket: a new epoch fences any earlier
+                // writer, and a checkpoint in it starts the chain this gateway extends.
+                let name = Name {
+                    epoch: remote.checkpoint.epoch + 1,
+                    seq: remote.applied.seq,
+                };
+                self.put_checkpoint(id, &mut remote, name).await?;
+                std::fs::create_dir_all(&dir).map_err(|e| EngineError::local(&dir, e))?;
+                let local = LocalState {
+                    epoch: name.epoch,
+                    hydrated: descriptor.mode == Mode::Cached || remote.map.is_empty(),
+                    pending_snapshots: Vec::new(),
+                    last_snapshot: None,
+                };
+                volume::write_local_state(&dir, &local)?;
+                tracing::info!(volume = %id, epoch = name.epoch, at = %name, "volume taken over from the bucket");
+                local
+            }
+        };
+        Volume::open(OpenParams {
+            id: id.clone(),
+            mode: descriptor.mode,
+            block_size: descriptor.block_size,
+            dir,
+            remote,
+            local,
+            store: self.store.clone(),
+            config: self.config.clone(),
+        })
+    }
+
+    async fn put_checkpoint(
+        &self,
+        id: &str,
+        remote: &mut RemoteState,
+        name: Name,
+    ) -> Result<(), EngineError> {
+        let body = remote.encode_checkpoint(name);
+        self.store
+            .put(&keys::checkpoint_key(id, name), body)
+            .await
+            .map_err(|e| EngineError::store("write checkpoint", e))?;
+        remote.applied = name;
+        remote.checkpoint_written(name);
+        Ok(())
+    }
+
+    pub fn volume(&self, id: &str) -> Result<Arc<Volume>, EngineError> {
+        self.volumes_lock()?
+            .get(id)
+            .cloned()
+            .ok_or_else(|| EngineError::VolumeNotFound { id: id.to_string() })
+    }
+
+    pub fn volumes(&self) -> Vec<Arc<Volume>> {
+        self.volumes
+            .lock()
+            .map(|v| v.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Creates a volume, or returns the existing one when it was created with the same
+    /// parameters (creation is idempotent by id).
+    pub async fn create_volume(&self, spec: VolumeSpec) -> Result<Arc<Volume>, EngineError> {
+        keys::validate_id(&spec.id).map_err(EngineError::InvalidArgument)?;
+        let block = u64::from(self.config.block_size);
+        let _admin = self.admin.lock().await;
+        if let Ok(existing) = self.volume(&spec.id) {
+            let descriptor = self.descriptor(&spec.id).await?;
+            let same_source = descriptor.as_ref().map(|d| source_spec(d.source.as_ref()))
+                == Some(spec.source.clone());
+            let same_size =
+                spec.size == 0 || descriptor.as_ref().is_some_and(|d| d.size == spec.size);
+            if existing.mode == spec.mode && same_source && same_size {
+                return Ok(existing);
+            }
+            return Err(EngineError::VolumeExists { id: spec.id });
+        }
+        if self.descriptor(&spec.id).await?.is_some() {
+            // Deleted, but its objects are still kept for its snapshots.
+            return Err(EngineError::VolumeExists { id: spec.id });
+        }
+        let (mut remote, source, size) = match &spec.source {
+            VolumeSource::Empty => {
+                if spec.size == 0 {
+                    return Err(EngineError::InvalidArgument(
+                        "a new empty volume needs a size".to_string(),
+                    ));
+                }
+                (
+                    RemoteState::empty(Name { epoch: 0, seq: 0 }, spec.size),
+                    None,
+                    spec.size,
+                )
+            }
+            VolumeSource::Snapshot(snapshot) => {
+                let manifest = self.manifest(snapshot).await?;
+                let remote = remote::snapshot_state(&*self.store, &manifest).await?;
+                let size = if spec.size == 0 {
+                    manifest.size
+                } else {
+                    spec.size
+                };
+                if size < manifest.size {
+                    return Err(EngineError::InvalidArgument(format!(
+                        "volume size {size} is smaller than snapshot {snapshot} ({} bytes)",
+                        manifest.size
+                    )));
+                }
+                (
+                    remote,
+                    Some(Source::Snapshot {
+                        snapshot: snapshot.clone(),
+                    }),
+                    size,
+                )
+            }
+            VolumeSource::Volume(source_id) => {
+                let source_volume = self.volume(source_id)?;
+                let snapshot = format!("clone-{}", spec.id);
+                keys::validate_id(&snapshot).map_err(EngineError::InvalidArgument)?;
+                let cut = source_volume.cut_snapshot(&snapshot, true)?;
+                let manifest = self.wait_manifest(&source_volume, &snapshot).await?;
+                let remote = remote::snapshot_state(&*self.store, &manifest).await?;
+                let size = if spec.size == 0 { cut.size } else { spec.size };
+                if size < cut.size {
+                    return Err(EngineError::InvalidArgument(format!(
+                        "clone size {size} is smaller than volume {source_id} ({} bytes)",
+                        cut.size
+                    )));
+                }
+                let source = Source::Volume {
+                    volume: source_id.clone(),
+                    snapshot,
+                };
+                (remote, Some(source), size)
+            }
+        };
+        if size % block != 0 {
+            return Err(EngineError::InvalidArgument(format!(
+                "size {size} is not a multiple of the block size {block}"
+            )));
+        }
+        remote.size = size;
+        let descriptor = VolumeDescriptor {
+            format: documents::FORMAT,
+            id: spec.id.clone(),
+            size,
+            block_size: self.config.block_size,
+            mode: spec.mode,
+            created_unix: unix_now(),
+            source,
+        };
+        self.store
+            .put(
+                &keys::descriptor_key(&spec.id),
+                documents::encode(&descriptor),
+            )
+            .await
+            .map_err(|e| EngineError::store("write volume descriptor", e))?;
+        // The volume's own history starts at epoch 1, sequence 0, whatever its source.
+        let start = Name { epoch: 1, seq: 0 };
+        let mut own = RemoteState::empty(start, size);
+        own.map = remote.map;
+        own.segments = remote.segments;
+        own.segment_keys = remote.segment_keys;
+        self.put_checkpoint(&spec.id, &mut own, start).await?;
+        let dir = self.volume_dir(&spec.id);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|e| EngineError::local(&dir, e))?;
+        }
+        std::fs::create_dir_all(&dir).map_err(|e| EngineError::local(&dir, e))?;
+        let local = LocalState {
+            epoch: start.epoch,
+            hydrated: spec.mode == Mode::Cached || own.map.is_empty(),
+            pending_snapshots: Vec::new(),
+            last_snapshot: None,
+        };
+        volume::write_local_state(&dir, &local)?;
+        let volume = Volume::open(OpenParams {
+            id: spec.id.clone(),
+            mode: spec.mode,
+            block_size: self.config.block_size,
+            dir,
+            remote: own,
+            local,
+            store: self.store.clone(),
+            config: self.config.clone(),
+        })?;
+        self.volumes_lock()?.insert(spec.id.clone(), volume.clone());
+        tracing::info!(volume = %spec.id, size, mode = %spec.mode, source = ?spec.source, "volume created");
+        Ok(volume)
+    }
+
+    pub async fn expand_volume(&self, id: &str, size: u64) -> Result<(), EngineError> {
+        self.volume(id)?.expand(size).await
+    }
+
+    /// Deletes a volume: its local state at once; its objects except those its snapshots
+    /// still need.
+    pub async fn delete_volume(&self, id: &str) -> Result<(), EngineError> {
+        let _admin = self.admin.lock().await;
+        let volume = self.volume(id)?;
+        if !volume.pending_snapshots().is_empty() {
+            return Err(EngineError::InvalidArgument(format!(
+                "volume {id} has snapshots still uploading; delete it once they are ready"
+            )));
+        }
+        let descriptor = self.descriptor(id).await?;
+        self.volumes_lock()?.remove(id);
+        volume.close().await;
+        let tombstone = Tombstone {
+            format: documents::FORMAT,
+            deleted_unix: unix_now(),
+        };
+        self.store
+            .put(&keys::tombstone_key(id), documents::encode(&tombstone))
+            .await
+            .map_err(|e| EngineError::store("write volume tombstone", e))?;
+        let dir = volume.local_dir().to_path_buf();
+        drop(volume);
+        std::fs::remove_dir_all(&dir).map_err(|e| EngineError::local(&dir, e))?;
+        tracing::info!(volume = %id, "volume deleted");
+        if let Some(Source::Volume { snapshot, .. }) = descriptor.and_then(|d| d.source) {
+            if self.manifest(&snapshot).await.is_ok_and(|m| m.internal) {
+                self.store
+                    .delete(&keys::snapshot_key(&snapshot))
+                    .await
+                    .map_err(|e| EngineError::store("delete snapshot manifest", e))?;
+            }
+        }
+        let references = self.snapshot_references().await?;
+        let mut report = GcReport::default();
+        self.purge_deleted(id, &references, &mut report).await?;
+        Ok(())
+    }
+
+    async fn manifest(&self, id: &str) -> Result<SnapshotManifest, EngineError> {
+        let key = keys::snapshot_key(id);
+        match self.store.get(&key).await {
+            Ok(bytes) => documents::decode(&key, &bytes)
+                .map_err(|source| EngineError::Corrupt { key, source }),
+            Err(ObjectStoreError::NotFound { .. }) => {
+                Err(EngineError::SnapshotNotFound { id: id.to_string() })
+            }
+            Err(error) => Err(EngineError::store("read snapshot manifest", error)),
+        }
+    }
+
+    async fn wait_manifest(
+        &self,
+        volume: &Arc<Volume>,
+        id: &str,
+    ) -> Result<SnapshotManifest, EngineError> {
+        loop {
+            let notified = volume.snapshot_ready.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if !volume.pending_snapshots().iter().any(|p| p.id == id) {
+                return self.manifest(id).await;
+            }
+            volume.seal_now()?;
+            notified.await;
+        }
+    }
+
+    fn pending_snapshot(&self, id: &str) -> Option<SnapshotInfo> {
+        self.volumes().iter().find_map(|volume| {
+            volume
+                .pending_snapshots()
+                .into_iter()
+                .find(|p| p.id == id)
+                .map(|p| SnapshotInfo {
+                    id: p.id,
+                    volume: volume.id.clone(),
+                    size: p.size,
+                    ready: false,
+                    parent: p.parent,
+                    created_unix: p.created_unix,
+                    internal: p.internal,
+                })
+        })
+    }
+
+    /// Cuts a crash-consistent snapshot of a volume and returns at once; it becomes ready
+    /// when its data is in the bucket. Idempotent by id for the same volume.
+    pub async fn create_snapshot(
+        &self,
+        volume_id: &str,
+        id: &str,
+    ) -> Result<SnapshotInfo, EngineError> {
+        keys::validate_id(id).map_err(EngineError::InvalidArgument)?;
+        let _admin = self.admin.lock().await;
+        let volume = self.volume(volume_id)?;
+        let existing = match self.pending_snapshot(id) {
+            Some(pending) => Some(pending),
+            None => match self.manifest(id).await {
+                Ok(manifest) => Some(SnapshotInfo::from_manifest(&manifest)),
+                Err(EngineError::SnapshotNotFound { .. }) => None,
+                Err(error) => return Err(error),
+            },
+        };
+        if let Some(existing) = existing {
+            if existing.volume == volume_id && !existing.internal {
+                return Ok(existing);
+            }
+            return Err(EngineError::SnapshotExists {
+                id: id.to_string(),
+                volume: existing.volume,
+            });
+        }
+        let cut = volume.cut_snapshot(id, false)?;
+        tracing::info!(volume = %volume_id, snapshot = %id, point = cut.point_seq, "snapshot cut");
+        Ok(SnapshotInfo {
+            id: id.to_string(),
+            volume: volume_id.to_string(),
+            size: cut.size,
+            ready: false,
+            parent: cut.parent,
+            created_unix: cut.created_unix,
+            internal: false,
+        })
+    }
+
+    pub async fn snapshot(&self, id: &str) -> Result<SnapshotInfo, EngineError> {
+        if let Some(pending) = self.pending_snapshot(id) {
+            return Ok(pending);
+        }
+        Ok(SnapshotInfo::from_manifest(&self.manifest(id).await?))
+    }
+
+    /// Waits until a snapshot is ready.
+    pub async fn wait_snapshot_ready(
+        &self,
+        id: &str,
+        timeout: Duration,
+    ) -> Result<SnapshotInfo, EngineError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let info = self.snapshot(id).await?;
+            if info.ready {
+                return Ok(info);
+            }
+            let volume = self.volume(&info.volume)?;
+            let notified = volume.snapshot_ready.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.pending_snapshot(id).is_none() {
+                continue;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(self.snapshot(id).await?);
+            }
+        }
+    }
+
+    /// Every snapshot in the bucket and every one still uploading here, optionally of one
+    /// volume.
+    pub async fn list_snapshots(
+        &self,
+        volume: Option<&str>,
+    ) -> Result<Vec<SnapshotInfo>, EngineError> {
+        let mut found = BTreeMap::new();
+        for object in blockgate_objstore::list_all(&*self.store, keys::SNAPSHOTS_PREFIX)
+            .await
+            .map_err(|e| EngineError::store("list snapshots", e))?
+        {
+            let Some(id) = keys::snapshot_of_key(&object.key) else {
+                continue;
+            };
+            match self.manifest(id).await {
+                Ok(manifest) => {
+                    found.insert(id.to_string(), SnapshotInfo::from_manifest(&manifest));
+                }
+                Err(EngineError::SnapshotNotFound { .. }) => {}
+                Err(error) => return Err(error),
+            }
+        }
+        for open in self.volumes() {
+            for pending in open.pending_snapshots() {
+                if let Some(info) = self.pending_snapshot(&pending.id) {
+                    found.insert(pending.id, info);
+                }
+            }
+        }
+        Ok(found
+            .into_values()
+            .filter(|info| volume.is_none_or(|v| v == info.volume))
+            .collect())
+    }
+
+    /// Deletes a snapshot. Refused while a volume was created from it (the volume still reads
+    /// the snapshot's data). The data is freed by garbage collection.
+    pub async fn delete_snapshot(&self, id: &str) -> Result<(), EngineError> {
+        let _admin = self.admin.lock().await;
+        if self.pending_snapshot(id).is_some() {
+            return Err(EngineError::InvalidArgument(format!(
+                "snapshot {id} is still uploading; delete it once it is ready"
+            )));
+        }
+        self.manifest(id).await?;
+        for volume in list_volume_ids(&*self.store).await? {
+            let Some(descriptor) = self.descriptor(&volume).await? else {
+                continue;
+            };
+            let sourced = descriptor
+                .source
+                .as_ref()
+                .is_some_and(|s| s.snapshot() == id);
+            if sourced && !self.is_tombstoned(&volume).await? {
+                return Err(EngineError::SnapshotInUse {
+                    snapshot: id.to_string(),
+                    volume,
+                });
+            }
+        }
+        self.store
+            .delete(&keys::snapshot_key(id))
+            .await
+            .map_err(|e| EngineError::store("delete snapshot manifest", e))?;
+        tracing::info!(snapshot = %id, "snapshot deleted");
+        Ok(())
+    }
+
+    /// Segments and checkpoints any snapshot needs, by volume.
+    async fn snapshot_references(&self) -> Result<HashMap<String, References>, EngineError> {
+        let mut references: HashMap<String, References> = HashMap::new();
+        for object in blockgate_objstore::list_all(&*self.store, keys::SNAPSHOTS_PREFIX)
+            .await
+            .map_err(|e| EngineError::store("list snapshots", e))?
+        {
+            let Some(id) = keys::snapshot_of_key(&object.key) else {
+                continue;
+            };
+            let manifest = match self.manifest(id).await {
+                Ok(manifest) => manifest,
+                Err(EngineError::SnapshotNotFound { .. }) => continue,
+                Err(error) => return Err(error),
+            };
+            let checkpoint =
+                remote::load_checkpoint(&*self.store, &manifest.volume, manifest.checkpoint.0)
+                    .await?;
+            let own = references.entry(manifest.volume.clone()).or_default();
+            own.checkpoints.insert(manifest.checkpoint.0);
+            own.segments.extend(manifest.segments.iter().map(|n| n.0));
+            for segment in checkpoint.segments {
+                references
+                    .entry(segment.volume.to_string())
+                    .or_default()
+                    .segments
+                    .insert(segment.name);
+            }
+        }
+        Ok(references)
+    }
+
+    /// Deletes segments and checkpoints that no volume map and no snapshot references.
+    /// A segment is deleted only after it stayed unreferenced for the grace period.
+    pub async fn collect_garbage(&self) -> Result<GcReport, EngineError> {
+        let _admin = self.admin.lock().await;
+        let references = self.snapshot_references().await?;
+        let mut report = GcReport::default();
+        let mut seen = HashSet::new();
+        for volume in self.volumes() {
+            if !volume.pending_snapshots().is_empty() {
+                continue;
+            }
+            let (used, checkpoint) = volume.remote_view()?;
+            let empty = References::default();
+            let referenced = references.get(&volume.id).unwrap_or(&empty);
+            let own_used: HashSet<Name> = used
+                .iter()
+                .filter(|s| &*s.volume == volume.id.as_str())
+                .map(|s| s.name)
+                .collect();
+            let mut candidates = Vec::new();
+            for name in remote::list_names(&*self.store, &keys::segments_prefix(&volume.id)).await?
+            {
+                let recent = name.epoch == checkpoint.epoch && name.seq > checkpoint.seq;
+                if !recent && !own_used.contains(&name) && !referenced.segments.contains(&name) {
+                    candidates.push((keys::segment_key(&volume.id, name), true));
+                }
+            }
+            for name in
+                remote::list_names(&*self.store, &keys::checkpoints_prefix(&volume.id)).await?
+            {
+                if name < checkpoint && !referenced.checkpoints.contains(&name) {
+                    candidates.push((keys::checkpoint_key(&volume.id, name), false));
+                }
+            }
+            for (key, is_segment) in candidates {
+                seen.insert(key.clone());
+                let first_seen = {
+                    let mut tracked = self.gc_candidates.lock().map_err(|_| {
+                        EngineError::InvalidArgument("gc state poisoned".to_string())
+                    })?;
+                    *tracked.entry(key.clone()).or_insert_with(Instant::now)
+                };
+                if first_seen.elapsed() < self.config.gc_grace {
+                    report.waiting_for_grace += 1;
+                    continue;
+                }
+                self.store
+                    .delete(&key)
+                    .await
+                    .map_err(|e| EngineError::store("delete unreferenced object", e))?;
+                if is_segment {
+                    report.deleted_segments += 1;
+                } else {
+                    report.deleted_checkpoints += 1;
+                }
+            }
+        }
+        if let Ok(mut tracked) = self.gc_candidates.lock() {
+            tracked.retain(|key, _| seen.contains(key));
+        }
+        let open: HashSet<String> = self.volumes().iter().map(|v| v.id.clone()).collect();
+        for id in list_volume_ids(&*self.store).await? {
+            if !open.contains(&id) && self.is_tombstoned(&id).await? {
+                self.purge_deleted(&id, &references, &mut report).await?;
+            }
+        }
+        tracing::info!(?report, "garbage collection done");
+        Ok(report)
+    }
+
+    /// Removes a deleted volume's objects that no snapshot needs; the descriptor and the
+    /// tombstone go last, once nothing else is left.
+    async fn purge_deleted(
+        &self,
+        id: &str,
+        references: &HashMap<String, References>,
+        report: &mut GcReport,
+    ) -> Result<(), EngineError> {
+        let empty = References::default();
+        let referenced = references.get(id).unwrap_or(&empty);
+        let mut kept = 0u64;
+        for name in remote::list_names(&*self.store, &keys::segments_prefix(id)).await? {
+            if referenced.segments.contains(&name) {
+                kept += 1;
+                continue;
+            }
+            self.store
+                .delete(&keys::segment_key(id, name))
+                .await
+                .map_err(|e| EngineError::store("delete segment", e))?;
+            report.deleted_segments += 1;
+        }
+        for name in remote::list_names(&*self.store, &keys::checkpoints_prefix(id)).await? {
+            if referenced.checkpoints.contains(&name) {
+                kept += 1;
+                continue;
+            }
+            self.store
+                .delete(&keys::checkpoint_key(id, name))
+                .await
+                .map_err(|e| EngineError::store("delete checkpoint", e))?;
+            report.deleted_checkpoints += 1;
+        }
+        if kept == 0 {
+            for key in [keys::descriptor_key(id), keys::tombstone_key(id)] {
+                self.store
+                    .delete(&key)
+                    .await
+                    .map_err(|e| EngineError::store("delete volume documents", e))?;
+            }
+            report.purged_volumes.push(id.to_string());
+        }
+        Ok(())
+    }
+
+    /// Stops every volume's tasks; write logs stay on disk for the next start.
+    pub async fn shutdown(&self) {
+        for volume in self.volumes() {
+            volume.close().await;
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct References {
+    segments: HashSet<Name>,
+    checkpoints: HashSet<Name>,
+}
+
+fn source_spec(source: Option<&Source>) -> VolumeSource {
+    match source {
+        None => VolumeSource::Empty,
+        Some(Source::Snapshot { snapshot }) => VolumeSource::Snapshot(snapshot.clone()),
+        Some(Source::Volume { volume, .. }) => VolumeSource::Volume(volume.clone()),
+    }
+}
+
+/// The ids of every volume in the bucket, one listing request per volume (each listing
+/// starts past the previous volume's keys), so a bucket with many segments is never
+/// listed whole.
+pub async fn list_volume_ids(store: &dyn ObjectStore) -> Result<Vec<String>, EngineError> {
+    let mut ids = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store
+            .list(keys::VOLUMES_PREFIX, after)
+            .await
+            .map_err(|e| EngineError::store("list volumes", e))?;
+        let Some(first) = page.keys.first() else {
+            break;
+        };
+        let Some(id) = keys::volume_of_key(&first.key) else {
+            break;
+        };
+        ids.push(id.to_string());
+        after = Some(keys::after_volume(id));
+        let _ = &page.next;
+    }
+    Ok(ids)
+}
