@@ -4,8 +4,9 @@
 //! - [`LocalDirStore`]: a directory on local disk, the embedded default; creates objects
 //!   atomically (temp file, fsync, rename, fsync of the directory).
 //! - [`S3Store`] (feature `s3`): any S3-compatible server through aws-sdk-s3.
-//! - [`MemoryStore`] and [`FaultStore`]: for tests; the second wraps any store and injects
-//!   outages, errors and corruption on demand.
+//! - [`MemoryStore`] and [`FaultStore`]: for tests; the first can corrupt its objects, the
+//!   second wraps any store and injects outages and errors on demand.
+//! - `S3sFsServer` (feature `s3-test-server`): a real S3-compatible server for tests.
 //!
 //! Keys are relative (`volumes/<id>/segments/...`); a store may add its own prefix. Objects are
 //! never overwritten by blockgate, so no store needs conditional writes.
@@ -21,12 +22,16 @@ mod local;
 mod memory;
 #[cfg(feature = "s3")]
 mod s3;
+#[cfg(feature = "s3-test-server")]
+mod s3_server;
 
 pub use fault::{FaultStore, Faults};
 pub use local::LocalDirStore;
 pub use memory::MemoryStore;
 #[cfg(feature = "s3")]
-pub use s3::{S3Config, S3Store};
+pub use s3::{PART_SIZE, S3Config, S3ConfigError, S3Store, SINGLE_PUT_LIMIT};
+#[cfg(feature = "s3-test-server")]
+pub use s3_server::{S3sFsServer, TEST_BUCKET};
 
 /// One page of a listing: keys (relative to the store's prefix) in lexicographic order, and
 /// the token for the next page when there is one.
@@ -99,7 +104,8 @@ pub trait ObjectStore: Debug + Send + Sync + 'static {
     async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, ObjectStoreError>;
 
     /// Lists keys starting with `prefix`, one page at a time, in lexicographic order.
-    /// `continuation` is the `next` of the previous page.
+    /// The listing starts strictly after the key `continuation` (S3's `StartAfter`): pass
+    /// the previous page's `next` (its last key) to page on, or any key to skip ahead to.
     async fn list(
         &self,
         prefix: &str,
