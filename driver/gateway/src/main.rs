@@ -1,0 +1,624 @@
+//! `blockgate-gateway`: serves blockgate volumes over NBD.
+//!
+//! `serve` runs the gateway; the other commands talk to a running gateway through its admin
+//! socket in the data directory.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use blockgate_blockstore::documents::Mode;
+use blockgate_engine::{Engine, EngineConfig, VolumeSource, VolumeSpec};
+use blockgate_objstore::{LocalDirStore, ObjectStore, S3Config, S3Store};
+use clap::{Args, Parser, Subcommand};
+use tokio::net::UnixListener;
+
+mod admin;
+mod exports;
+mod metrics;
+
+use admin::Request;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "blockgate-gateway",
+    version,
+    about = "Serve block volumes over NBD from a local write log backed by object storage"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Args, Clone)]
+struct DataDir {
+    /// Where the gateway keeps its state, write logs, caches, sockets, and (with the default
+    /// store) its bucket.
+    #[arg(
+        long,
+        env = "BLOCKGATE_DATA_DIR",
+        default_value = "blockgate-data",
+        global = true
+    )]
+    data_dir: PathBuf,
+}
+
+impl DataDir {
+    fn admin_socket(&self) -> PathBuf {
+        self.data_dir.join("admin.sock")
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve(ServeArgs),
+    /// Manage volumes of a running gateway.
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+    /// Manage snapshots of a running gateway.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+    /// Delete bucket objects no volume or snapshot references.
+    Gc(DataDir),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    data: DataDir,
+    /// Object store: `s3://bucket/prefix` or a local directory. Default: `<data-dir>/bucket`.
+    #[arg(long, env = "BLOCKGATE_STORE")]
+    store: Option<String>,
+    /// S3 endpoint URL, for S3-compatible servers.
+    #[arg(long, env = "BLOCKGATE_S3_ENDPOINT")]
+    s3_endpoint: Option<String>,
+    /// S3 region (default: from the AWS environment, else us-east-1).
+    #[arg(long, env = "BLOCKGATE_S3_REGION")]
+    s3_region: Option<String>,
+    /// Address buckets by path (`endpoint/bucket/key`), as most S3-compatible servers need.
+    #[arg(long, env = "BLOCKGATE_S3_PATH_STYLE")]
+    s3_path_style: bool,
+    /// Attempts per S3 request before an operation reports failure (uploads retry forever).
+    #[arg(long, default_value_t = 3)]
+    s3_max_attempts: u32,
+    /// NBD unix socket. Default: `<data-dir>/nbd.sock`.
+    #[arg(long)]
+    nbd_socket: Option<PathBuf>,
+    /// Also serve NBD on this loopback TCP address (e.g. 127.0.0.1:10809).
+    #[arg(long)]
+    nbd_tcp: Option<SocketAddr>,
+    /// Serve Prometheus metrics on this loopback address.
+    #[arg(long, default_value = "127.0.0.1:9720")]
+    metrics: Option<SocketAddr>,
+    /// Disable the metrics endpoint.
+    #[arg(long)]
+    no_metrics: bool,
+    /// Create this volume at start unless it exists: `NAME=SIZE` or `NAME=SIZE:stored`.
+    #[arg(long = "volume", value_name = "NAME=SIZE[:MODE]")]
+    volumes: Vec<String>,
+    /// Write-log capacity per volume; writes wait for uploads beyond it.
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    log_capacity: u64,
+    /// Read cache per cached volume.
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    cache_capacity: u64,
+    /// Target segment size.
+    #[arg(long, default_value = "8MiB", value_parser = parse_size)]
+    segment_size: u64,
+    /// Segments uploaded at once per volume.
+    #[arg(long, default_value_t = 4)]
+    upload_concurrency: usize,
+    /// Seal a partly filled log file after this many milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    seal_interval_ms: u64,
+    /// Run garbage collection this often (0: only on request).
+    #[arg(long, default_value_t = 600)]
+    gc_interval_seconds: u64,
+    /// Log format.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum VolumeCommand {
+    /// Create a volume (empty, from a snapshot, or as a clone).
+    Create {
+        id: String,
+        /// Size, e.g. 10GiB (may be omitted with --from-snapshot or --clone-of).
+        #[arg(long, value_parser = parse_size)]
+        size: Option<u64>,
+        #[arg(long, default_value = "cached")]
+        mode: Mode,
+        #[arg(long, conflicts_with = "clone_of")]
+        from_snapshot: Option<String>,
+        #[arg(long)]
+        clone_of: Option<String>,
+        #[command(flatten)]
+        data: DataDir,
+    },
+    /// List volumes.
+    List {
+        #[command(flatten)]
+        data: DataDir,
+    },
+    /// Grow a volume.
+    Expand {
+        id: String,
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        #[command(flatten)]
+        data: DataDir,
+    },
+    /// Delete a volume.
+    Delete {
+        id: String,
+        #[command(flatten)]
+        data: DataDir,
+    },
+    /// Make every acknowledged write of a volume durable.
+    Flush {
+        id: String,
+        #[command(flatten)]
+        data: DataDir,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SnapshotCommand {
+    /// Cut a snapshot of a volume.
+    Create {
+        volume: String,
+        id: String,
+        /// Wait until the snapshot's data is in the bucket.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        data: DataDir,
+    },
+    /// List snapshots.
+    List {
+        #[arg(long)]
+        volume: Option<String>,
+        #[command(flatten)]
+        data: DataDir,
+    },
+    /// Show one snapshot.
+    Get {
+        id: String,
+        #[command(flatten)]
+        data: DataDir,
+    },
+    /// Wait until a snapshot is ready.
+    Wait {
+        id: String,
+        #[arg(long, default_value_t = 600)]
+        timeout_seconds: u64,
+        #[command(flatten)]
+        data: DataDir,
+    },
+    /// Delete a snapshot.
+    Delete {
+        id: String,
+        #[command(flatten)]
+        data: DataDir,
+    },
+}
+
+/// Parses `1024`, `4k`, `10M`, `1.5GiB`, `1T` (binary multiples).
+fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| c.is_ascii_alphabetic())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let multiplier: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        other => return Err(format!("unknown size unit {other:?} in {text:?}")),
+    };
+    let value: f64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad size {text:?}"))?;
+    if !(value >= 0.0) {
+        return Err(format!("bad size {text:?}"));
+    }
+    let bytes = value * multiplier as f64;
+    if bytes > u64::MAX as f64 {
+        return Err(format!("size {text:?} is too large"));
+    }
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    Ok(bytes as u64)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Volume(command) => volume_command(command).await,
+        Command::Snapshot(command) => snapshot_command(command).await,
+        Command::Gc(data) => {
+            print(admin::call(&data.admin_socket(), &Request::CollectGarbage).await?)
+        }
+    }
+}
+
+fn print(value: serde_json::Value) -> anyhow::Result<()> {
+    if !value.is_null() {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    }
+    Ok(())
+}
+
+async fn volume_command(command: VolumeCommand) -> anyhow::Result<()> {
+    let (data, request) = match command {
+        VolumeCommand::Create {
+            id,
+            size,
+            mode,
+            from_snapshot,
+            clone_of,
+            data,
+        } => {
+            if size.is_none() && from_snapshot.is_none() && clone_of.is_none() {
+                bail!("--size is required for an empty volume");
+            }
+            let request = Request::CreateVolume {
+                id,
+                size: size.unwrap_or(0),
+                mode,
+                from_snapshot,
+                clone_of,
+            };
+            (data, request)
+        }
+        VolumeCommand::List { data } => (data, Request::ListVolumes),
+        VolumeCommand::Expand { id, size, data } => (data, Request::ExpandVolume { id, size }),
+        VolumeCommand::Delete { id, data } => (data, Request::DeleteVolume { id }),
+        VolumeCommand::Flush { id, data } => (data, Request::FlushVolume { id }),
+    };
+    print(admin::call(&data.admin_socket(), &request).await?)
+}
+
+async fn snapshot_command(command: SnapshotCommand) -> anyhow::Result<()> {
+    match command {
+        SnapshotCommand::Create {
+            volume,
+            id,
+            wait,
+            data,
+        } => {
+            let socket = data.admin_socket();
+            let created = admin::call(
+                &socket,
+                &Request::CreateSnapshot {
+                    volume,
+                    id: id.clone(),
+                },
+            )
+            .await?;
+            if wait {
+                let request = Request::WaitSnapshot {
+                    id,
+                    timeout_seconds: 3600,
+                };
+                return print(admin::call(&socket, &request).await?);
+            }
+            print(created)
+        }
+        SnapshotCommand::List { volume, data } => {
+            print(admin::call(&data.admin_socket(), &Request::ListSnapshots { volume }).await?)
+        }
+        SnapshotCommand::Get { id, data } => {
+            print(admin::call(&data.admin_socket(), &Request::GetSnapshot { id }).await?)
+        }
+        SnapshotCommand::Wait {
+            id,
+            timeout_seconds,
+            data,
+        } => print(
+            admin::call(
+                &data.admin_socket(),
+                &Request::WaitSnapshot {
+                    id,
+                    timeout_seconds,
+                },
+            )
+            .await?,
+        ),
+        SnapshotCommand::Delete { id, data } => {
+            print(admin::call(&data.admin_socket(), &Request::DeleteSnapshot { id }).await?)
+        }
+    }
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn open_store(args: &ServeArgs) -> anyhow::Result<Arc<dyn ObjectStore>> {
+    let default = args.data.data_dir.join("bucket");
+    let location = args
+        .store
+        .clone()
+        .unwrap_or_else(|| default.display().to_string());
+    if let Some(rest) = location.strip_prefix("s3://") {
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let mut config = S3Config::new(bucket);
+        config.prefix = prefix.trim_end_matches('/').to_string();
+        config.endpoint = args.s3_endpoint.clone();
+        config.region = args.s3_region.clone();
+        config.path_style = args.s3_path_style;
+        config.max_attempts = args.s3_max_attempts;
+        let store = S3Store::new(config)
+            .await
+            .context("cannot set up the S3 store")?;
+        return Ok(Arc::new(store));
+    }
+    let path = location.strip_prefix("file://").unwrap_or(&location);
+    let store =
+        LocalDirStore::new(PathBuf::from(path)).context("cannot open the local object store")?;
+    Ok(Arc::new(store))
+}
+
+/// Binds a unix socket, replacing a stale one left by a gateway that is gone.
+async fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            bail!("{} is in use by a running process", path.display());
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+    }
+    UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))
+}
+
+fn parse_volume_flag(flag: &str) -> anyhow::Result<VolumeSpec> {
+    let (id, rest) = flag
+        .split_once('=')
+        .with_context(|| format!("--volume {flag:?}: expected NAME=SIZE[:MODE]"))?;
+    let (size, mode) = match rest.split_once(':') {
+        Some((size, mode)) => (size, mode.parse::<Mode>().map_err(anyhow::Error::msg)?),
+        None => (rest, Mode::Cached),
+    };
+    Ok(VolumeSpec {
+        id: id.to_string(),
+        size: parse_size(size).map_err(anyhow::Error::msg)?,
+        mode,
+        source: VolumeSource::Empty,
+    })
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    init_logging(&args.log_format);
+    let data_dir = &args.data.data_dir;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create {}", data_dir.display()))?;
+    let data_dir = data_dir.canonicalize()?;
+    let store = open_store(&args).await?;
+    let config = EngineConfig {
+        segment_target: args.segment_size,
+        log_capacity: args.log_capacity,
+        cache_capacity: args.cache_capacity,
+        upload_concurrency: args.upload_concurrency.max(1),
+        seal_interval: Duration::from_millis(args.seal_interval_ms),
+        ..EngineConfig::default()
+    };
+    tracing::info!(store = %store.describe(), data_dir = %data_dir.display(), "opening gateway state");
+    let engine = Engine::open(&data_dir, store, config)
+        .await
+        .context("cannot open the gateway state")?;
+    for flag in &args.volumes {
+        let spec = parse_volume_flag(flag)?;
+        engine
+            .create_volume(spec)
+            .await
+            .context("cannot create --volume")?;
+    }
+
+    let counters = Arc::new(metrics::GatewayCounters::default());
+    let exports: Arc<dyn blockgate_nbd::Exports> =
+        Arc::new(exports::VolumeExports::new(engine.clone()));
+    let nbd_socket = args
+        .nbd_socket
+        .clone()
+        .unwrap_or_else(|| data_dir.join("nbd.sock"));
+    let nbd_listener = bind_unix(&nbd_socket).await?;
+    let admin_socket = data_dir.join("admin.sock");
+    let admin_listener = bind_unix(&admin_socket).await?;
+    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(admin::serve(admin_listener, engine.clone())));
+    tasks.push(tokio::spawn(serve_nbd_unix(
+        nbd_listener,
+        exports.clone(),
+        counters.clone(),
+    )));
+    if let Some(address) = args.nbd_tcp {
+        if !address.ip().is_loopback() {
+            bail!(
+                "--nbd-tcp {address}: NBD over TCP is served on loopback only (it carries no TLS)"
+            );
+        }
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("cannot listen on {address}"))?;
+        tasks.push(tokio::spawn(serve_nbd_tcp(
+            listener,
+            exports.clone(),
+            counters.clone(),
+        )));
+        println!("nbd over tcp: nbd://{address}/<volume>");
+    }
+    if let (Some(address), false) = (args.metrics, args.no_metrics) {
+        if !address.ip().is_loopback() {
+            bail!("--metrics {address}: metrics are served on loopback only");
+        }
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("cannot listen on {address}"))?;
+        println!("metrics: http://{}/metrics", listener.local_addr()?);
+        tasks.push(tokio::spawn(metrics::serve(
+            listener,
+            engine.clone(),
+            counters.clone(),
+        )));
+    }
+    if args.gc_interval_seconds > 0 {
+        let engine = engine.clone();
+        let every = Duration::from_secs(args.gc_interval_seconds);
+        tasks.push(tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(every);
+            ticker.tick().await;
+            loop {
+                ticker.tick().await;
+                if let Err(error) = engine.collect_garbage().await {
+                    tracing::warn!(%error, "garbage collection failed");
+                }
+            }
+        }));
+    }
+    println!("blockgate gateway serving; data in {}", data_dir.display());
+    println!("admin socket: {}", admin_socket.display());
+    for volume in engine.volumes() {
+        println!(
+            "export {}: nbd+unix:///{}?socket={}",
+            volume.id,
+            volume.id,
+            nbd_socket.display()
+        );
+    }
+    if engine.volumes().is_empty() {
+        println!(
+            "no volumes yet: blockgate-gateway volume create NAME --size 1GiB --data-dir {}",
+            data_dir.display()
+        );
+    }
+    println!("ready");
+
+    shutdown_signal().await;
+    tracing::info!("shutting down: write logs stay on disk and are replayed at the next start");
+    for task in tasks {
+        task.abort();
+    }
+    engine.shutdown().await;
+    let _ = std::fs::remove_file(&nbd_socket);
+    let _ = std::fs::remove_file(&admin_socket);
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+}
+
+async fn serve_nbd_unix(
+    listener: UnixListener,
+    exports: Arc<dyn blockgate_nbd::Exports>,
+    counters: Arc<metrics::GatewayCounters>,
+) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => spawn_session(stream, exports.clone(), counters.clone()),
+            Err(error) => tracing::warn!(%error, "nbd accept failed"),
+        }
+    }
+}
+
+async fn serve_nbd_tcp(
+    listener: tokio::net::TcpListener,
+    exports: Arc<dyn blockgate_nbd::Exports>,
+    counters: Arc<metrics::GatewayCounters>,
+) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let _ = stream.set_nodelay(true);
+                spawn_session(stream, exports.clone(), counters.clone());
+            }
+            Err(error) => tracing::warn!(%error, "nbd accept failed"),
+        }
+    }
+}
+
+fn spawn_session<S>(
+    stream: S,
+    exports: Arc<dyn blockgate_nbd::Exports>,
+    counters: Arc<metrics::GatewayCounters>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    counters
+        .nbd_connections_total
+        .fetch_add(1, Ordering::Relaxed);
+    counters
+        .nbd_connections_active
+        .fetch_add(1, Ordering::Relaxed);
+    tokio::spawn(async move {
+        let options = blockgate_nbd::ServeOptions {
+            max_in_flight: 128,
+            ..blockgate_nbd::ServeOptions::default()
+        };
+        if let Err(error) = blockgate_nbd::serve(stream, exports, &options).await {
+            counters
+                .nbd_session_errors_total
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%error, cause = %exports::error_chain(&error), "nbd session ended with an error");
+        }
+        counters
+            .nbd_connections_active
+            .fetch_sub(1, Ordering::Relaxed);
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("4k"), Ok(4096));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("1.5M"), Ok(3 << 19));
+        assert!(parse_size("12 parsecs").is_err());
+        assert!(parse_size("-1G").is_err());
+    }
+
+    #[test]
+    fn volume_flags_parse() {
+        let spec = parse_volume_flag("demo=1GiB:stored").unwrap();
+        assert_eq!(
+            (spec.id.as_str(), spec.size, spec.mode),
+            ("demo", 1 << 30, Mode::Stored)
+        );
+        assert!(parse_volume_flag("demo").is_err());
+        assert!(parse_volume_flag("demo=1G:fast").is_err());
+    }
+}
