@@ -111,7 +111,8 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn info(&self) -> ExportInfo;
     /// Must return exactly `length` bytes; anything else is reported to the client as EIO.
     async fn read(&self, offset: u64, length: u32) -> Result<Bytes, IoError>;
-    /// With `fua`, return only once the data is durable.
+    /// With `fua`, return only once the data is durable. A large `data` may share its
+    /// allocation with the session's receive buffer: copy it if it is kept after the call.
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError>;
     /// Make every write that completed before this call durable.
     async fn flush(&self) -> Result<(), IoError>;
@@ -137,7 +138,8 @@ pub trait Exports: Send + Sync + 'static {
 /// Tunables of one session.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
-    /// Requests executed concurrently; further requests wait unread on the socket.
+    /// Requests executed concurrently; further requests wait unread on the socket. With the
+    /// export's `max_block`, this bounds the write payload memory one session can hold.
     pub max_in_flight: usize,
     /// Time allowed from connection to the start of transmission (or to `NBD_OPT_ABORT`).
     pub handshake_timeout: Duration,

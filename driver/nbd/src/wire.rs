@@ -414,18 +414,15 @@ pub fn decode_option(
             needed: OPTION_HEADER_LEN,
         });
     };
-    if length > max_payload {
-        return Err(OptionFrameError::TooLarge {
-            option,
-            length,
-            limit: max_payload,
-        });
-    }
     let too_large = OptionFrameError::TooLarge {
         option,
         length,
         limit: max_payload,
     };
+    if length > max_payload {
+        return Err(too_large);
+    }
+    // Only a 16-bit target could fail here; the payload is then too large for it anyway.
     let total = usize::try_from(length)
         .ok()
         .and_then(|length| OPTION_HEADER_LEN.checked_add(length))

@@ -1,5 +1,6 @@
 //! The fixed newstyle handshake, driven by a hand-written client over an in-memory duplex.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 mod common;
 
 use std::time::Duration;
@@ -69,9 +70,7 @@ async fn export_name_sends_size_flags_and_zeroes_unless_no_zeroes() {
     for no_zeroes in [false, true] {
         let (stream, session) = start_session(two_exports(), ServeOptions::default());
         let (mut client, _) = Client::greet(stream).await;
-        client
-            .send_flags(if no_zeroes { 0b11 } else { 0b01 })
-            .await;
+        client.send_flags(if no_zeroes { 0b11 } else { 0b01 }).await;
         client.send_option(OPT_EXPORT_NAME, b"vol").await;
         assert_eq!(client.u64().await, 1 << 20);
         assert_eq!(client.u16().await, ALL_FEATURES);
@@ -99,7 +98,8 @@ async fn list_names_every_export_then_acks() {
             break;
         }
         assert_eq!(reply.reply, REP_SERVER);
-        let length = usize::try_from(u32::from_be_bytes(reply.data[..4].try_into().unwrap())).unwrap();
+        let length =
+            usize::try_from(u32::from_be_bytes(reply.data[..4].try_into().unwrap())).unwrap();
         let name = String::from_utf8(reply.data[4..4 + length].to_vec()).unwrap();
         let details = String::from_utf8(reply.data[4 + length..].to_vec()).unwrap();
         assert_eq!(details, format!("test export {name}"));
@@ -224,6 +224,22 @@ async fn oversized_options_are_skipped_and_refused() {
 }
 
 #[tokio::test]
+async fn an_oversized_export_name_ends_the_session() {
+    let (stream, session) = start_session(two_exports(), ServeOptions::default());
+    let mut client = Client::fixed_newstyle(stream).await;
+    // Only the header: the server must not wait for 70 KiB it will never use.
+    let mut header = IHAVEOPT.to_be_bytes().to_vec();
+    header.extend_from_slice(&OPT_EXPORT_NAME.to_be_bytes());
+    header.extend_from_slice(&(70u32 * 1024).to_be_bytes());
+    client.send(&header).await;
+    client.expect_closed().await;
+    assert!(matches!(
+        finished(session).await,
+        Err(SessionError::BadOption(_))
+    ));
+}
+
+#[tokio::test]
 async fn clients_without_fixed_newstyle_or_with_unknown_flags_are_dropped() {
     for (flags, fixed_newstyle_missing) in [(0u32, true), (0b101, false), (0x8000_0001, false)] {
         let (stream, session) = start_session(two_exports(), ServeOptions::default());
@@ -232,9 +248,15 @@ async fn clients_without_fixed_newstyle_or_with_unknown_flags_are_dropped() {
         client.expect_closed().await;
         let result = finished(session).await;
         if fixed_newstyle_missing {
-            assert!(matches!(result, Err(SessionError::NotFixedNewstyle)), "{result:?}");
+            assert!(
+                matches!(result, Err(SessionError::NotFixedNewstyle)),
+                "{result:?}"
+            );
         } else {
-            assert!(matches!(result, Err(SessionError::ClientFlags(_))), "{result:?}");
+            assert!(
+                matches!(result, Err(SessionError::ClientFlags(_))),
+                "{result:?}"
+            );
         }
     }
 }

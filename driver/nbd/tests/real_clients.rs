@@ -2,6 +2,7 @@
 //! and nbdsh. The tools are required: a missing tool fails these tests, it never skips them
 //! (on Debian: `apt-get install qemu-utils libnbd-bin python3-libnbd`).
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 mod common;
 
 use std::path::PathBuf;
@@ -11,7 +12,7 @@ use std::sync::Arc;
 use blockgate_nbd::{ServeOptions, SessionError};
 use common::*;
 use tokio::net::UnixListener;
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::{Mutex, mpsc};
 
 const SIZE: u64 = 4 << 20;
 
@@ -148,19 +149,96 @@ async fn qemu_io_writes_reads_and_flushes() {
     .await;
     let text = stdout(&output);
     assert!(output.status.success(), "qemu-io failed");
-    assert!(text.contains("wrote 1048576/1048576 bytes at offset 0"), "{text}");
-    assert!(text.contains("read 1048576/1048576 bytes at offset 0"), "{text}");
-    assert!(text.contains("wrote 65536/65536 bytes at offset 2097152"), "{text}");
+    assert!(
+        text.contains("wrote 1048576/1048576 bytes at offset 0"),
+        "{text}"
+    );
+    assert!(
+        text.contains("read 1048576/1048576 bytes at offset 0"),
+        "{text}"
+    );
+    assert!(
+        text.contains("wrote 65536/65536 bytes at offset 2097152"),
+        "{text}"
+    );
     assert!(!text.contains("Pattern verification failed"), "{text}");
     assert!(!text.to_lowercase().contains("error"), "{text}");
     let contents = device.contents();
     assert!(contents[..1 << 20].iter().all(|byte| *byte == 0xab));
-    assert!(contents[1 << 20..(1 << 20) + 65536].iter().all(|byte| *byte == 0x5c));
+    assert!(
+        contents[1 << 20..(1 << 20) + 65536]
+            .iter()
+            .all(|byte| *byte == 0x5c)
+    );
     assert!(Counters::get(&device.counters.flushes) >= 1);
     assert!(Counters::get(&device.counters.fua) >= 1);
     assert!(Counters::get(&device.counters.zeroes) >= 1);
     assert!(Counters::get(&device.counters.trims) >= 1);
     server.assert_sessions_ended_cleanly(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_io_reads_run_concurrently() {
+    let (exports, device) = two_exports();
+    device.fill(0, &[1; 4096]);
+    device.fill(4096, &[2; 4096]);
+    let gate = Gate::at(0);
+    device.hold_reads(&gate);
+    let server = UnixServer::start(exports);
+    let uri = server.uri("disk");
+    let qemu = tokio::spawn(run(
+        "qemu-io",
+        [
+            "-f",
+            "raw",
+            &uri,
+            "-c",
+            "aio_read -P 1 0 4k",
+            "-c",
+            "aio_read -P 2 4k 4k",
+            "-c",
+            "aio_flush",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ));
+    // Both reads reach the device while the first one is held there: they run concurrently.
+    gate.entered().await;
+    device.reads_started(2).await;
+    gate.release();
+    let output = qemu.await.unwrap();
+    let text = stdout(&output);
+    assert!(output.status.success(), "qemu-io failed");
+    assert!(text.contains("read 4096/4096 bytes at offset 0"), "{text}");
+    assert!(
+        text.contains("read 4096/4096 bytes at offset 4096"),
+        "{text}"
+    );
+    assert!(!text.contains("Pattern verification failed"), "{text}");
+    server.assert_sessions_ended_cleanly(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_img_bench_at_queue_depth_32() {
+    let (exports, _device) = two_exports();
+    let server = UnixServer::start(exports);
+    for write in [true, false] {
+        let mut args: Vec<String> = ["-f", "raw", "-c", "20000", "-d", "32", "-s", "4k"]
+            .map(String::from)
+            .to_vec();
+        if write {
+            args.extend(["-w", "--pattern=0x3c"].map(String::from));
+        }
+        args.push(server.uri("disk"));
+        let output = run("qemu-img", [vec!["bench".to_owned()], args].concat()).await;
+        assert!(output.status.success(), "qemu-img bench failed");
+        assert!(
+            stdout(&output).contains("Run completed"),
+            "{}",
+            stdout(&output)
+        );
+    }
+    server.assert_sessions_ended_cleanly(2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,7 @@
 //! The transmission phase, driven by a hand-written client over an in-memory duplex against an
 //! in-memory device.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 mod common;
 
 use std::collections::HashMap;
@@ -57,7 +58,12 @@ async fn read_write_flush_trim_and_write_zeroes_round_trip() {
     assert_eq!(Counters::get(&device.counters.trims), 1);
     assert_eq!(client.read(4096, 4096).await, Ok(vec![0; 4096]));
 
-    assert_eq!(client.call(FLAG_NO_HOLE, CMD_WRITE_ZEROES, 8192, 4096).await, 0);
+    assert_eq!(
+        client
+            .call(FLAG_NO_HOLE, CMD_WRITE_ZEROES, 8192, 4096)
+            .await,
+        0
+    );
     assert_eq!(Counters::get(&device.counters.zeroes), 1);
     assert_eq!(Counters::get(&device.counters.no_hole), 1);
     assert_eq!(client.read(4096, 8192).await, Ok(vec![0; 8192]));
@@ -99,7 +105,10 @@ async fn out_of_range_requests_get_errors_and_the_session_continues() {
     assert_eq!(Counters::get(&device.counters.reads), 0);
     assert_eq!(client.write(0, 0, &[6; 512]).await, 0);
     assert_eq!(client.read(0, 512).await, Ok(vec![6; 512]));
-    assert_eq!(device.contents()[SIZE as usize - 512..], [0; 512]);
+    assert_eq!(
+        device.contents()[usize::try_from(SIZE).unwrap() - 512..],
+        [0; 512]
+    );
     disconnect(client, session).await;
 }
 
@@ -198,7 +207,8 @@ async fn device_errors_map_to_nbd_errors() {
 #[tokio::test]
 async fn a_garbage_request_magic_closes_only_that_session() {
     let (exports, device) = MemoryExports::single(export_info("vol", SIZE));
-    let (first_stream, first_session) = start_session(Arc::clone(&exports), ServeOptions::default());
+    let (first_stream, first_session) =
+        start_session(Arc::clone(&exports), ServeOptions::default());
     let (second_stream, second_session) = start_session(exports, ServeOptions::default());
     let (mut first, _, _) = Client::connect(first_stream, "vol").await;
     let (mut second, _, _) = Client::connect(second_stream, "vol").await;
@@ -244,7 +254,8 @@ async fn many_pipelined_requests_all_get_their_own_reply() {
     let mut burst = Vec::new();
     for cookie in 0..count {
         let seed = u8::try_from(cookie % 200).unwrap();
-        let mut request = Client::<DuplexStream>::request_bytes(0, CMD_WRITE, cookie, cookie * 4096, 4096);
+        let mut request =
+            Client::<DuplexStream>::request_bytes(0, CMD_WRITE, cookie, cookie * 4096, 4096);
         request.extend_from_slice(&pattern(seed, 4096));
         burst.extend_from_slice(&request);
     }
@@ -253,11 +264,20 @@ async fn many_pipelined_requests_all_get_their_own_reply() {
     for _ in 0..count {
         let (error, cookie) = client.reply().await;
         assert_eq!(error, 0);
-        assert!(seen.insert(cookie, ()).is_none(), "cookie {cookie} answered twice");
+        assert!(
+            seen.insert(cookie, ()).is_none(),
+            "cookie {cookie} answered twice"
+        );
     }
     let mut burst = Vec::new();
     for cookie in 0..count {
-        burst.extend_from_slice(&Client::<DuplexStream>::request_bytes(0, CMD_READ, 1000 + cookie, cookie * 4096, 4096));
+        burst.extend_from_slice(&Client::<DuplexStream>::request_bytes(
+            0,
+            CMD_READ,
+            1000 + cookie,
+            cookie * 4096,
+            4096,
+        ));
     }
     client.send(&burst).await;
     for _ in 0..count {
@@ -310,9 +330,7 @@ async fn hanging_up_mid_request_is_an_error_but_between_requests_is_not() {
 #[tokio::test]
 async fn a_huge_write_payload_closes_the_session() {
     let (mut client, device, session) = connected(export_info("vol", SIZE)).await;
-    client
-        .request(0, CMD_WRITE, 1, 0, (32 << 20) + 512)
-        .await;
+    client.request(0, CMD_WRITE, 1, 0, (32 << 20) + 512).await;
     client.expect_closed().await;
     assert!(matches!(
         finished(session).await,
@@ -332,7 +350,9 @@ async fn one_request_at_a_time_still_serves_a_pipeline() {
     let (mut client, _, _) = Client::connect(stream, "vol").await;
     let mut burst = Vec::new();
     for cookie in 0..16u64 {
-        burst.extend_from_slice(&Client::<DuplexStream>::request_bytes(0, CMD_READ, cookie, 0, 512));
+        burst.extend_from_slice(&Client::<DuplexStream>::request_bytes(
+            0, CMD_READ, cookie, 0, 512,
+        ));
     }
     client.send(&burst).await;
     for expected in 0..16u64 {
@@ -344,10 +364,24 @@ async fn one_request_at_a_time_still_serves_a_pipeline() {
 
 #[derive(Debug, Clone)]
 enum Operation {
-    Write { sector: u64, sectors: u32, seed: u8, fua: bool },
-    Read { sector: u64, sectors: u32 },
-    Trim { sector: u64, sectors: u32 },
-    Zero { sector: u64, sectors: u32 },
+    Write {
+        sector: u64,
+        sectors: u32,
+        seed: u8,
+        fua: bool,
+    },
+    Read {
+        sector: u64,
+        sectors: u32,
+    },
+    Trim {
+        sector: u64,
+        sectors: u32,
+    },
+    Zero {
+        sector: u64,
+        sectors: u32,
+    },
     Flush,
 }
 
@@ -356,10 +390,19 @@ fn operation() -> impl Strategy<Value = Operation> {
     let range = (0u64..136, 0u32..12);
     prop_oneof![
         (range.clone(), any::<u8>(), any::<bool>()).prop_map(|((sector, sectors), seed, fua)| {
-            Operation::Write { sector, sectors, seed, fua }
+            Operation::Write {
+                sector,
+                sectors,
+                seed,
+                fua,
+            }
         }),
-        range.clone().prop_map(|(sector, sectors)| Operation::Read { sector, sectors }),
-        range.clone().prop_map(|(sector, sectors)| Operation::Trim { sector, sectors }),
+        range
+            .clone()
+            .prop_map(|(sector, sectors)| Operation::Read { sector, sectors }),
+        range
+            .clone()
+            .prop_map(|(sector, sectors)| Operation::Trim { sector, sectors }),
         range.prop_map(|(sector, sectors)| Operation::Zero { sector, sectors }),
         Just(Operation::Flush),
     ]
@@ -377,7 +420,12 @@ async fn check_against_model(operations: Vec<Operation>) {
             (sector * 512, sectors * 512, start..end, end <= model.len())
         };
         match operation {
-            Operation::Write { sector, sectors, seed, fua } => {
+            Operation::Write {
+                sector,
+                sectors,
+                seed,
+                fua,
+            } => {
                 let (offset, _, range, inside) = span(sector, sectors);
                 let data = pattern(seed, range.len());
                 let flags = if fua { FLAG_FUA } else { 0 };

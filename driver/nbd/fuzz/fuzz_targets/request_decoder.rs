@@ -39,7 +39,10 @@ fuzz_target!(|data: &[u8]| {
     while let Ok(Some(frame)) = wire::decode_request(rest) {
         if let Ok(request) = frame.request {
             assert_eq!(request.command.to_wire(), frame.header.command);
-            assert_eq!(request.flags.bits() & !request.command.applicable_flags(), 0);
+            assert_eq!(
+                request.flags.bits() & !request.command.applicable_flags(),
+                0
+            );
         }
         let Ok(payload) = usize::try_from(frame.header.payload_len()) else {
             break;

@@ -1,7 +1,9 @@
-//! A whole session over an in-memory duplex, the client side being the fuzzer's bytes. With
-//! the first byte odd, a valid handshake (`NBD_OPT_GO` on the default export) is put in front,
-//! so the fuzzer spends its time on transmission. The session may fail, but must not panic or
-//! hang, and the device must only ever see requests inside the export and its block sizes.
+//! A whole session over an in-memory duplex, the client side made from the fuzzer's bytes. The
+//! first byte picks how: the bytes as they are (handshake included); a valid handshake
+//! (`NBD_OPT_GO` on the default export) then the bytes; or a valid handshake then well-framed
+//! requests whose fields come from the bytes, so the fuzzer spends its time on request
+//! validation. The session may fail, but must not panic or hang, and the device must only ever
+//! see requests inside the export and its block sizes.
 
 #![no_main]
 
@@ -25,10 +27,15 @@ struct Device {
 impl Device {
     fn check(&self, offset: u64, length: u32, max: bool) -> std::ops::Range<usize> {
         assert!(length > 0, "zero-length request reached the device");
-        assert!(!max || length <= MAX_BLOCK, "oversized request reached the device");
+        assert!(
+            !max || length <= MAX_BLOCK,
+            "oversized request reached the device"
+        );
         assert_eq!(offset % u64::from(MIN_BLOCK), 0, "misaligned offset");
         assert_eq!(length % MIN_BLOCK, 0, "misaligned length");
-        let end = offset.checked_add(u64::from(length)).expect("overflowing range");
+        let end = offset
+            .checked_add(u64::from(length))
+            .expect("overflowing range");
         assert!(end <= SIZE, "request past the end reached the device");
         usize::try_from(offset).unwrap()..usize::try_from(end).unwrap()
     }
@@ -112,13 +119,49 @@ fn handshake_prefix() -> Vec<u8> {
     out
 }
 
+/// Well-framed requests: each 13-byte chunk gives flags, command, offset and length; writes
+/// get a payload of their length (kept under 256 KiB so inputs stay cheap).
+fn framed_requests(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for chunk in data.chunks_exact(13) {
+        let flags = u16::from_be_bytes([chunk[0], chunk[1]]);
+        let command = u16::from(chunk[2] % 10);
+        let scale = if chunk[3] & 1 == 1 { 512 } else { 1 };
+        let offset =
+            u64::from(u32::from_be_bytes([chunk[4], chunk[5], chunk[6], chunk[7]])) * scale;
+        let mut length =
+            u32::from_be_bytes([chunk[8], chunk[9], chunk[10], chunk[11]]) >> (chunk[12] % 32);
+        if command == 1 {
+            length %= 256 * 1024;
+        }
+        out.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        out.extend_from_slice(&flags.to_be_bytes());
+        out.extend_from_slice(&command.to_be_bytes());
+        out.extend_from_slice(&u64::from(chunk[12]).to_be_bytes());
+        out.extend_from_slice(&offset.to_be_bytes());
+        out.extend_from_slice(&length.to_be_bytes());
+        if command == 1 {
+            out.resize(out.len() + usize::try_from(length).unwrap(), chunk[0]);
+        }
+    }
+    out
+}
+
 fuzz_target!(|data: &[u8]| {
+    let Some((mode, rest)) = data.split_first() else {
+        return;
+    };
     let mut input = Vec::new();
-    if data.first().is_some_and(|first| first & 1 == 1) {
-        input.extend_from_slice(&handshake_prefix());
-        input.extend_from_slice(&data[1..]);
-    } else {
-        input.extend_from_slice(data);
+    match mode % 3 {
+        0 => input.extend_from_slice(rest),
+        1 => {
+            input.extend_from_slice(&handshake_prefix());
+            input.extend_from_slice(rest);
+        }
+        _ => {
+            input.extend_from_slice(&handshake_prefix());
+            input.extend_from_slice(&framed_requests(rest));
+        }
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()

@@ -48,12 +48,12 @@ where
                 continue;
             }
             Err(too_large @ OptionFrameError::TooLarge { option, .. }) => {
-                tracing::debug!(error = %too_large, "skipping oversized option");
-                skip(stream, received, too_large.skip_len().unwrap_or(0)).await?;
                 if option == wire::NBD_OPT_EXPORT_NAME {
                     // This option cannot be answered with an error.
                     return Err(SessionError::BadOption(too_large));
                 }
+                tracing::debug!(error = %too_large, "skipping oversized option");
+                skip(stream, received, too_large.skip_len().unwrap_or(0)).await?;
                 reply_error(
                     &mut out,
                     option,

@@ -162,8 +162,13 @@ where
             }
             Ok(Work::Nothing) => reply.send(Ok(None)),
             Ok(work) => {
-                let span = tracing::debug_span!("nbd_request", command = ?request.command, cookie = request.cookie);
-                in_flight.spawn(execute(Arc::clone(device), work, payload, reply).instrument(span));
+                let span = tracing::debug_span!(
+                    "nbd_request",
+                    command = ?request.command,
+                    cookie = request.cookie
+                );
+                let task = execute(Arc::clone(device), work, payload, reply);
+                in_flight.spawn(task.instrument(span));
             }
         }
     };

@@ -2,6 +2,7 @@
 //! written from the spec independently of the crate's own encoders.
 
 #![allow(dead_code)] // each test binary uses a different part of this module
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -147,6 +148,8 @@ pub struct MemoryDevice {
     fail_writes_with_no_space: AtomicBool,
     short_reads: AtomicBool,
     panic_on_flush: AtomicBool,
+    /// One permit per read that reached the device.
+    reads_started: Semaphore,
 }
 
 impl MemoryDevice {
@@ -161,6 +164,7 @@ impl MemoryDevice {
             fail_writes_with_no_space: AtomicBool::new(false),
             short_reads: AtomicBool::new(false),
             panic_on_flush: AtomicBool::new(false),
+            reads_started: Semaphore::new(0),
         })
     }
 
@@ -196,6 +200,15 @@ impl MemoryDevice {
         self.short_reads.store(true, Ordering::SeqCst);
     }
 
+    /// Waits until `count` more reads have reached the device.
+    pub async fn reads_started(&self, count: u32) {
+        self.reads_started
+            .acquire_many(count)
+            .await
+            .unwrap()
+            .forget();
+    }
+
     pub fn panic_on_flush(&self) {
         self.panic_on_flush.store(true, Ordering::SeqCst);
     }
@@ -219,6 +232,7 @@ impl BlockDevice for MemoryDevice {
 
     async fn read(&self, offset: u64, length: u32) -> Result<Bytes, IoError> {
         self.counters.reads.fetch_add(1, Ordering::SeqCst);
+        self.reads_started.add_permits(1);
         let gate = self.read_gate.lock().unwrap().clone();
         if let Some(gate) = gate {
             gate.pass(offset).await;
@@ -314,7 +328,9 @@ impl Exports for MemoryExports {
         let device = if name.is_empty() {
             self.devices.first()
         } else {
-            self.devices.iter().find(|device| device.info().name == name)
+            self.devices
+                .iter()
+                .find(|device| device.info().name == name)
         }?;
         Some(Arc::clone(device) as Arc<dyn BlockDevice>)
     }
@@ -326,16 +342,15 @@ pub fn start_session(
     options: ServeOptions,
 ) -> (DuplexStream, JoinHandle<Result<(), SessionError>>) {
     let (client, server) = tokio::io::duplex(4 << 20);
-    let session = tokio::spawn(async move { blockgate_nbd::serve(server, exports, &options).await });
+    let session =
+        tokio::spawn(async move { blockgate_nbd::serve(server, exports, &options).await });
     (client, session)
 }
 
 /// Upper bound for anything a test waits on; a hang fails the test instead of stalling CI.
 pub const DEADLINE: Duration = Duration::from_secs(20);
 
-pub async fn finished(
-    session: JoinHandle<Result<(), SessionError>>,
-) -> Result<(), SessionError> {
+pub async fn finished(session: JoinHandle<Result<(), SessionError>>) -> Result<(), SessionError> {
     tokio::time::timeout(DEADLINE, session)
         .await
         .expect("session did not end")
@@ -482,14 +497,26 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Client<S> {
         out
     }
 
-    pub async fn request(&mut self, flags: u16, command: u16, cookie: u64, offset: u64, length: u32) {
+    pub async fn request(
+        &mut self,
+        flags: u16,
+        command: u16,
+        cookie: u64,
+        offset: u64,
+        length: u32,
+    ) {
         self.send(&Self::request_bytes(flags, command, cookie, offset, length))
             .await;
     }
 
     pub async fn write_request(&mut self, flags: u16, cookie: u64, offset: u64, data: &[u8]) {
-        let mut out =
-            Self::request_bytes(flags, CMD_WRITE, cookie, offset, u32::try_from(data.len()).unwrap());
+        let mut out = Self::request_bytes(
+            flags,
+            CMD_WRITE,
+            cookie,
+            offset,
+            u32::try_from(data.len()).unwrap(),
+        );
         out.extend_from_slice(data);
         self.send(&out).await;
     }
