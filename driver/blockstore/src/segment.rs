@@ -396,7 +396,8 @@ mod tests {
         };
         let range = location.object_range(length as u64);
         let mut out = vec![0u8; length];
-        location.decode(&object[range.start as usize..range.end as usize], &mut out)?;
+        let range = usize::try_from(range.start).unwrap()..usize::try_from(range.end).unwrap();
+        location.decode(&object[range], &mut out)?;
         Ok(out)
     }
 
@@ -431,7 +432,7 @@ mod tests {
         builder.add_data(0, &[7u8; 10_000]);
         let (object, runs) = builder.finish();
         let mut bad = object.to_vec();
-        bad[runs[0].object_offset as usize + 5000] ^= 1;
+        bad[usize::try_from(runs[0].object_offset).unwrap() + 5000] ^= 1;
         assert!(matches!(
             read_back(&bad, &runs[0], 4096, 4096),
             Err(DecodeError::ChecksumMismatch { .. })
@@ -461,11 +462,14 @@ mod tests {
 
         #[test]
         fn any_sub_range_reads_back(len in 1usize..300_000, skip_frac in 0.0f64..1.0, take_frac in 0.0f64..1.0) {
-            let data: Vec<u8> = (0..len).map(|i| (i * 31 % 256) as u8).collect();
+            let data: Vec<u8> = (0..len).map(|i| u8::try_from(i * 31 % 256).unwrap()).collect();
             let mut builder = SegmentBuilder::new(name(), 1 << 30);
             builder.add_data(0, &data);
             let (object, runs) = builder.finish();
+            // Fractions of a length below 300 000: no truncation.
+            #[allow(clippy::cast_possible_truncation)]
             let skip = ((len - 1) as f64 * skip_frac) as usize;
+            #[allow(clippy::cast_possible_truncation)]
             let take = 1 + ((len - skip - 1) as f64 * take_frac) as usize;
             let got = read_back(&object, &runs[0], skip as u64, take).unwrap();
             prop_assert_eq!(&got[..], &data[skip..skip + take]);

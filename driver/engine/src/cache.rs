@@ -215,17 +215,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cache = ChunkCache::create(&dir.path().join("c"), 2 * CHUNK_SIZE).unwrap();
         let key: Arc<str> = Arc::from("k");
-        let data: Vec<u8> = (0..CHUNK_SIZE * 2 + 10).map(|i| (i % 253) as u8).collect();
+        let chunk = usize::try_from(CHUNK_SIZE).unwrap();
+        let data: Vec<u8> = (0..chunk * 2 + 10)
+            .map(|i| u8::try_from(i % 253).unwrap())
+            .collect();
         let mut out = vec![0u8; 100];
         assert!(!cache.read(&key, 5, &mut out));
-        cache.insert(&key, 0, &data[..(2 * CHUNK_SIZE) as usize]);
+        cache.insert(&key, 0, &data[..2 * chunk]);
         assert!(cache.read(&key, CHUNK_SIZE - 50, &mut out));
-        assert_eq!(
-            out,
-            &data[(CHUNK_SIZE - 50) as usize..(CHUNK_SIZE + 50) as usize]
-        );
+        assert_eq!(out, &data[chunk - 50..chunk + 50]);
         // A third chunk evicts one of the first two.
-        cache.insert(&key, 2 * CHUNK_SIZE, &data[(2 * CHUNK_SIZE) as usize..]);
+        cache.insert(&key, 2 * CHUNK_SIZE, &data[2 * chunk..]);
         assert_eq!(cache.stats().evictions, 1);
         let mut tail = vec![0u8; 10];
         assert!(cache.read(&key, 2 * CHUNK_SIZE, &mut tail));

@@ -109,6 +109,10 @@ impl<V: Advance> ExtentMap<V> {
     /// The pieces of `[offset, offset + length)` in order, gaps included.
     pub fn pieces(&self, offset: u64, length: u64) -> Vec<Piece<V>> {
         let mut pieces = Vec::new();
+        if length == 0 {
+            // An empty range has no pieces (and `offset + 1..offset` is no range).
+            return pieces;
+        }
         let end = offset.saturating_add(length);
         let mut at = offset;
         let first = self
@@ -215,12 +219,13 @@ mod tests {
             for (n, op) in ops.iter().enumerate() {
                 match *op {
                     Op::Insert(o, l) => {
-                        map.insert(o, l, Tag(n as u32, 0));
-                        for i in 0..l { model[(o + i) as usize] = Some(Tag(n as u32, i)); }
+                        let n = u32::try_from(n).unwrap();
+                        map.insert(o, l, Tag(n, 0));
+                        for i in 0..l { model[usize::try_from(o + i).unwrap()] = Some(Tag(n, i)); }
                     }
                     Op::Remove(o, l) => {
                         map.remove(o, l);
-                        for i in 0..l { model[(o + i) as usize] = None; }
+                        for i in 0..l { model[usize::try_from(o + i).unwrap()] = None; }
                     }
                 }
             }
@@ -229,7 +234,7 @@ mod tests {
             for piece in &pieces {
                 prop_assert_eq!(piece.offset, at);
                 for i in 0..piece.length {
-                    let expected = &model[(piece.offset + i) as usize];
+                    let expected = &model[usize::try_from(piece.offset + i).unwrap()];
                     let got = piece.value.as_ref().map(|v| v.advance(i));
                     prop_assert_eq!(&got, expected);
                 }
@@ -242,6 +247,15 @@ mod tests {
                 previous_end = start + length;
             }
         }
+    }
+
+    #[test]
+    fn an_empty_range_has_no_pieces() {
+        let mut map = ExtentMap::new();
+        map.insert(0, 100, Tag(1, 0));
+        assert!(map.pieces(50, 0).is_empty());
+        assert!(map.pieces(100, 0).is_empty());
+        assert!(map.pieces(u64::MAX, 0).is_empty());
     }
 
     #[test]

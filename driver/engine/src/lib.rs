@@ -110,7 +110,8 @@ pub struct Engine {
 impl Engine {
     /// Opens the gateway state in `dir` on `store`: every volume the bucket holds is opened,
     /// its write log replayed; a volume with no local state is taken over from the bucket
-    /// with a new writer epoch.
+    /// with a new writer epoch. A volume this gateway may not write (fenced) or whose bucket
+    /// state is corrupt is logged and left closed; the others open as usual.
     pub async fn open(
         dir: &Path,
         store: Arc<dyn ObjectStore>,
@@ -141,8 +142,14 @@ impl Engine {
             _lock: lock,
         });
         for id in list_volume_ids(&*engine.store).await? {
-            let Some(descriptor) = engine.descriptor(&id).await? else {
-                continue;
+            let descriptor = match engine.descriptor(&id).await {
+                Ok(Some(descriptor)) => descriptor,
+                Ok(None) => continue,
+                Err(error @ EngineError::Corrupt { .. }) => {
+                    tracing::error!(volume = %id, %error, "volume not opened");
+                    continue;
+                }
+                Err(error) => return Err(error),
             };
             if engine.is_tombstoned(&id).await? {
                 let local = engine.volume_dir(&id);
@@ -155,7 +162,7 @@ impl Engine {
                 Ok(volume) => {
                     engine.volumes_lock()?.insert(id, volume);
                 }
-                Err(error @ EngineError::Fenced { .. }) => {
+                Err(error @ (EngineError::Fenced { .. } | EngineError::Corrupt { .. })) => {
                     tracing::error!(volume = %id, %error, "volume not opened");
                 }
                 Err(error) => return Err(error),
@@ -443,13 +450,13 @@ impl Engine {
         drop(volume);
         std::fs::remove_dir_all(&dir).map_err(|e| EngineError::local(&dir, e))?;
         tracing::info!(volume = %id, "volume deleted");
-        if let Some(Source::Volume { snapshot, .. }) = descriptor.and_then(|d| d.source) {
-            if self.manifest(&snapshot).await.is_ok_and(|m| m.internal) {
-                self.store
-                    .delete(&keys::snapshot_key(&snapshot))
-                    .await
-                    .map_err(|e| EngineError::store("delete snapshot manifest", e))?;
-            }
+        if let Some(Source::Volume { snapshot, .. }) = descriptor.and_then(|d| d.source)
+            && self.manifest(&snapshot).await.is_ok_and(|m| m.internal)
+        {
+            self.store
+                .delete(&keys::snapshot_key(&snapshot))
+                .await
+                .map_err(|e| EngineError::store("delete snapshot manifest", e))?;
         }
         let references = self.snapshot_references().await?;
         let mut report = GcReport::default();
@@ -519,6 +526,12 @@ impl Engine {
             None => match self.manifest(id).await {
                 Ok(manifest) => Some(SnapshotInfo::from_manifest(&manifest)),
                 Err(EngineError::SnapshotNotFound { .. }) => None,
+                // Cutting must not wait for the bucket (DESIGN.md §3). The manifest writer
+                // checks the id again before it writes, and never overwrites a manifest.
+                Err(EngineError::Store { source, .. }) if source.is_transient() => {
+                    tracing::warn!(snapshot = %id, error = %source, "bucket unreachable; cutting the snapshot without checking its id");
+                    None
+                }
                 Err(error) => return Err(error),
             },
         };
@@ -571,7 +584,7 @@ impl Engine {
                 continue;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return Ok(self.snapshot(id).await?);
+                return self.snapshot(id).await;
             }
         }
     }
@@ -677,7 +690,10 @@ impl Engine {
     }
 
     /// Deletes segments and checkpoints that no volume map and no snapshot references.
-    /// A segment is deleted only after it stayed unreferenced for the grace period.
+    /// A segment is deleted only after it stayed unreferenced for the grace period. A volume
+    /// another gateway has taken over (a newer epoch in the bucket) is left alone; with a
+    /// grace period longer than the time between collections, a takeover is noticed before
+    /// anything its new writer may read becomes due.
     pub async fn collect_garbage(&self) -> Result<GcReport, EngineError> {
         let _admin = self.admin.lock().await;
         let references = self.snapshot_references().await?;
@@ -695,17 +711,28 @@ impl Engine {
                 .filter(|s| &*s.volume == volume.id.as_str())
                 .map(|s| s.name)
                 .collect();
-            let mut candidates = Vec::new();
-            for name in remote::list_names(&*self.store, &keys::segments_prefix(&volume.id)).await?
+            let segments =
+                remote::list_names(&*self.store, &keys::segments_prefix(&volume.id)).await?;
+            let checkpoints =
+                remote::list_names(&*self.store, &keys::checkpoints_prefix(&volume.id)).await?;
+            // A newer writer epoch means another gateway took the volume over: this one is
+            // fenced, and its map says nothing of what the new writer's map references.
+            if segments
+                .iter()
+                .chain(&checkpoints)
+                .any(|name| name.epoch > checkpoint.epoch)
             {
+                tracing::warn!(volume = %volume.id, epoch = checkpoint.epoch, "volume taken over by a newer writer; its garbage is not collected here");
+                continue;
+            }
+            let mut candidates = Vec::new();
+            for name in segments {
                 let recent = name.epoch == checkpoint.epoch && name.seq > checkpoint.seq;
                 if !recent && !own_used.contains(&name) && !referenced.segments.contains(&name) {
                     candidates.push((keys::segment_key(&volume.id, name), true));
                 }
             }
-            for name in
-                remote::list_names(&*self.store, &keys::checkpoints_prefix(&volume.id)).await?
-            {
+            for name in checkpoints {
                 if name < checkpoint && !referenced.checkpoints.contains(&name) {
                     candidates.push((keys::checkpoint_key(&volume.id, name), false));
                 }

@@ -20,9 +20,11 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, PoisonError};
 
 pub const RECORD_MAGIC: u32 = 0x424C_4752;
-pub const HEADER_LEN: u64 = 32;
+pub const HEADER_LEN: u64 = HEADER_BYTES as u64;
+const HEADER_BYTES: usize = 32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RecordKind {
@@ -86,8 +88,12 @@ pub struct LogFile {
     pub seq: u64,
     pub path: PathBuf,
     file: File,
-    /// Written since the last fdatasync.
+    /// Written since the last fdatasync started.
     dirty: AtomicBool,
+    /// Held for the whole of a sync, so that a caller who finds the file clean knows the
+    /// sync that cleaned it has finished, not merely begun (a flush racing with the
+    /// uploader's sync of the same file must not return early).
+    syncing: Mutex<()>,
 }
 
 impl LogFile {
@@ -125,6 +131,7 @@ impl LogFile {
             path,
             file,
             dirty: AtomicBool::new(false),
+            syncing: Mutex::new(()),
         })
     }
 
@@ -135,6 +142,7 @@ impl LogFile {
             path,
             file,
             dirty: AtomicBool::new(false),
+            syncing: Mutex::new(()),
         })
     }
 
@@ -150,17 +158,15 @@ impl LogFile {
 
     /// Makes everything written so far durable, if anything was.
     pub fn sync(&self) -> io::Result<()> {
-        if self.dirty.swap(false, Ordering::AcqRel) {
-            if let Err(error) = self.file.sync_data() {
-                self.dirty.store(true, Ordering::Release);
-                return Err(error);
-            }
+        // Nothing is ever left half-done under this lock, so a poisoned one is still good.
+        let _turn = self.syncing.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.dirty.swap(false, Ordering::AcqRel)
+            && let Err(error) = self.file.sync_data()
+        {
+            self.dirty.store(true, Ordering::Release);
+            return Err(error);
         }
         Ok(())
-    }
-
-    pub fn is_dirty(&self) -> bool {
-        self.dirty.load(Ordering::Acquire)
     }
 
     /// Cuts the file at `length` (dropping a torn tail) and preallocates again.
@@ -187,9 +193,9 @@ pub fn parse_records(bytes: &[u8], first_seq: Option<u64>) -> (Vec<Record>, u64)
     let mut records = Vec::new();
     let mut position = 0usize;
     let mut expected = first_seq;
-    let header_len = HEADER_LEN as usize;
+    let header_len = HEADER_BYTES;
     while position + header_len <= bytes.len() {
-        let mut header = [0u8; HEADER_LEN as usize];
+        let mut header = [0u8; HEADER_BYTES];
         header.copy_from_slice(&bytes[position..position + header_len]);
         let Some(record) = parse_header(&header, position as u64) else {
             break;
@@ -214,7 +220,7 @@ pub fn parse_records(bytes: &[u8], first_seq: Option<u64>) -> (Vec<Record>, u64)
     (records, position as u64)
 }
 
-fn parse_header(header: &[u8; HEADER_LEN as usize], position: u64) -> Option<Record> {
+fn parse_header(header: &[u8; HEADER_BYTES], position: u64) -> Option<Record> {
     let word = |at: usize| {
         u32::from_le_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
     };
@@ -274,7 +280,7 @@ mod tests {
                 seq * 4096,
                 4096,
                 10 + seq,
-                &[seq as u8; 4096],
+                &[u8::try_from(seq).unwrap(); 4096],
             );
             log.write_at(&record, position).unwrap();
             position += record.len() as u64;
@@ -282,7 +288,7 @@ mod tests {
         let zero = encode_record(RecordKind::Zero, 0, 8192, 13, &[]);
         log.write_at(&zero, position).unwrap();
         position += zero.len() as u64;
-        let (records, end) = parse_records(&log.read_all().unwrap(), Some(10)).unwrap();
+        let (records, end) = parse_records(&log.read_all().unwrap(), Some(10));
         assert_eq!(records.len(), 4);
         assert_eq!(end, position);
         assert_eq!(records[3].kind, RecordKind::Zero);
@@ -293,16 +299,44 @@ mod tests {
             log.read_at(&mut flipped, 2 * (32 + 4096) + 100).unwrap();
             flipped[0] ^= 0xff;
             log.write_at(&flipped, 2 * (32 + 4096) + 100).unwrap();
-            parse_records(&log.read_all().unwrap(), Some(10)).unwrap()
+            parse_records(&log.read_all().unwrap(), Some(10))
         };
         assert_eq!(records.len(), 2);
 
         // A file that does not continue the sequence is not replayed.
         assert!(
             parse_records(&log.read_all().unwrap(), Some(11))
-                .unwrap()
                 .0
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn a_sync_returns_only_once_a_sync_in_progress_has_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = std::sync::Arc::new(LogFile::create(dir.path(), 1, 1 << 20).unwrap());
+        log.write_at(b"acknowledged", 0).unwrap();
+        // Another thread (the uploader) has taken the dirty flag and is inside fdatasync.
+        let in_progress = log.syncing.lock().unwrap();
+        assert!(log.dirty.swap(false, Ordering::AcqRel));
+        let (done, finished) = std::sync::mpsc::channel();
+        let flusher = std::thread::spawn({
+            let log = log.clone();
+            move || {
+                log.sync().unwrap();
+                done.send(()).unwrap();
+            }
+        });
+        assert!(
+            finished
+                .recv_timeout(std::time::Duration::from_millis(200))
+                .is_err(),
+            "a flush returned while the data was still being synced"
+        );
+        drop(in_progress);
+        finished
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .unwrap();
+        flusher.join().unwrap();
     }
 }

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use blockgate_blockstore::documents::{self, Mode, NameDoc, SnapshotManifest};
 use blockgate_blockstore::keys::{self, Name, SegmentRef};
 use blockgate_blockstore::segment::{Run, RunLocation, SegmentBuilder};
-use blockgate_objstore::ObjectStore;
+use blockgate_objstore::{ObjectStore, ObjectStoreError};
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
@@ -495,7 +495,7 @@ impl Volume {
                 requested: new_size,
             });
         }
-        if new_size % u64::from(self.block_size) != 0 {
+        if !new_size.is_multiple_of(u64::from(self.block_size)) {
             return Err(EngineError::InvalidArgument(format!(
                 "size {new_size} is not a multiple of the block size {}",
                 self.block_size
@@ -581,25 +581,26 @@ impl Volume {
                 }
             }
             RecordKind::Resize => {
-                if let Some(copy) = &self.local_copy {
-                    if let Err(error) = copy.set_len(offset) {
-                        tracing::warn!(volume = %self.id, %error, "could not grow the local copy");
-                    }
+                if let Some(copy) = &self.local_copy
+                    && let Err(error) = copy.set_len(offset)
+                {
+                    tracing::warn!(volume = %self.id, %error, "could not grow the local copy");
                 }
                 st.size = st.size.max(offset);
             }
         }
-        if st.current_length >= self.config.segment_target {
-            if let Err(error) = self.seal_locked(st) {
-                // The current file keeps taking writes; sealing is retried later.
-                tracing::warn!(volume = %self.id, %error, "could not seal the write log file");
-            }
+        if st.current_length >= self.config.segment_target
+            && let Err(error) = self.seal_locked(st)
+        {
+            // The current file keeps taking writes; sealing is retried later.
+            tracing::warn!(volume = %self.id, %error, "could not seal the write log file");
         }
         Ok(())
     }
 
     /// The local copy is a cache of the volume in `stored` mode: a range whose local write
-    /// failed is marked unhydrated and read from the log or the bucket until refilled.
+    /// failed is marked unhydrated and read from the log or the bucket until the hydrator
+    /// refills it (the running one, or the one a restart starts).
     fn note_local_copy(
         &self,
         st: &mut State,
@@ -618,7 +619,10 @@ impl Volume {
                     all
                 });
                 map.remove(offset, length);
-                self.work.notify_one();
+                // A restart must not trust the copy's stale bytes there.
+                if let Err(error) = self.save_local_state(st) {
+                    tracing::warn!(volume = %self.id, %error, "could not save local state");
+                }
             }
         }
     }
@@ -660,12 +664,9 @@ impl Volume {
         }
         let (files, written) = {
             let st = self.lock()?;
-            let files: Vec<Arc<LogFile>> = st
-                .files
-                .values()
-                .map(|(f, _)| f.clone())
-                .filter(|f| f.is_dirty())
-                .collect();
+            // Every file, clean or not: one the uploader is syncing right now looks clean,
+            // and its sync waits for that one to finish.
+            let files: Vec<Arc<LogFile>> = st.files.values().map(|(f, _)| f.clone()).collect();
             (files, st.written)
         };
         let volume = self.id.clone();
@@ -940,14 +941,45 @@ impl Volume {
             st.checkpoint_uploading = true;
             let store = self.store.clone();
             let volume_id = self.id.clone();
+            let max_delay = self.config.max_retry_delay;
             let volume = Arc::downgrade(self);
             tokio::spawn(async move {
                 let key = keys::snapshot_key(&manifest.id);
-                let body = documents::encode(&manifest);
-                retry_forever(&volume_id, "snapshot manifest", || {
-                    store.put(&key, body.clone())
-                })
-                .await;
+                // The id may have been cut while the bucket was unreachable, unchecked: a
+                // manifest is never overwritten, and one already there must be this one
+                // (written before a restart).
+                let existing = retry_forever(
+                    &volume_id,
+                    "snapshot manifest check",
+                    max_delay,
+                    |e| matches!(e, ObjectStoreError::NotFound { .. }),
+                    || store.get(&key),
+                )
+                .await
+                .ok()
+                .map(|bytes| documents::decode::<SnapshotManifest>(&key, &bytes));
+                match existing {
+                    None => {
+                        let body = documents::encode(&manifest);
+                        let _written = retry_forever(
+                            &volume_id,
+                            "snapshot manifest",
+                            max_delay,
+                            |_| false,
+                            || store.put(&key, body.clone()),
+                        )
+                        .await;
+                        tracing::info!(volume = %volume_id, snapshot = %manifest.id, point = %manifest.point.0, "snapshot ready");
+                    }
+                    Some(Ok(found))
+                        if found.volume == manifest.volume && found.point == manifest.point =>
+                    {
+                        tracing::info!(volume = %volume_id, snapshot = %manifest.id, point = %manifest.point.0, "snapshot ready");
+                    }
+                    Some(_) => {
+                        tracing::error!(volume = %volume_id, snapshot = %manifest.id, "another or an unreadable manifest already has this snapshot id; snapshot dropped");
+                    }
+                }
                 if let Some(volume) = volume.upgrade() {
                     if let Ok(mut st) = volume.lock() {
                         st.pending_snapshots.retain(|p| p.id != manifest.id);
@@ -958,7 +990,6 @@ impl Volume {
                     }
                     volume.snapshot_ready.notify_waiters();
                 }
-                tracing::info!(volume = %volume_id, snapshot = %manifest.id, point = %manifest.point.0, "snapshot ready");
             });
         }
     }
@@ -986,10 +1017,8 @@ impl Volume {
                 let stale = st
                     .current_since
                     .is_some_and(|t| t.elapsed() >= self.config.seal_interval);
-                if stale {
-                    if let Err(error) = self.seal_locked(&mut st) {
-                        tracing::warn!(volume = %self.id, %error, "could not seal the write log file");
-                    }
+                if stale && let Err(error) = self.seal_locked(&mut st) {
+                    tracing::warn!(volume = %self.id, %error, "could not seal the write log file");
                 }
                 while in_flight.len() < self.config.upload_concurrency {
                     let Some(sealed) = st.sealed.pop_front() else {
@@ -1011,8 +1040,19 @@ impl Volume {
             }
             tokio::select! {
                 uploaded = in_flight.next() => {
-                    if let Some(Some(uploaded)) = uploaded {
-                        self.apply_uploaded(uploaded).await;
+                    match uploaded {
+                        Some(Some(uploaded)) => self.apply_uploaded(uploaded).await,
+                        Some(None) if !self.closed.load(Ordering::Acquire) => {
+                            // A log file that could not be made into a segment stays in the
+                            // log. Applying the segments after it would leave a gap in the
+                            // bucket's sequence (recovery stops at a gap, and the file's
+                            // sequence number would later be uploaded twice), so uploads stop
+                            // here; the log fills and writes wait, as reported in the status,
+                            // until a restart replays the log and retries.
+                            tracing::error!(volume = %self.id, "uploads stopped until restart");
+                            return;
+                        }
+                        _ => {}
                     }
                 }
                 () = self.work.notified() => {}
@@ -1022,7 +1062,8 @@ impl Volume {
     }
 
     /// Builds a segment from a sealed log file and uploads it, retrying until it is in the
-    /// bucket (the log keeps the data safe meanwhile). `None` when the volume closed.
+    /// bucket (the log keeps the data safe meanwhile). `None` when the volume closed, or
+    /// when the log file cannot be read (the uploader then stops).
     async fn upload(self: Arc<Self>, sealed: Sealed, name: Name) -> Option<Uploaded> {
         let file = sealed.file.clone();
         let length = sealed.length;
@@ -1036,14 +1077,14 @@ impl Volume {
             Ok(Err(error)) => {
                 tracing::error!(volume = %volume_id, %error, "cannot read sealed write-log file; upload stalled");
                 if let Ok(mut st) = self.lock() {
-                    st.last_upload_error = Some(error.to_string());
+                    st.last_upload_error = Some(format!("{error}: {}", error_chain(&error)));
                 }
                 return None;
             }
             Err(_) => return None,
         };
         let key = keys::segment_key(&self.id, name);
-        let mut delay = Duration::from_millis(100);
+        let mut delay = Duration::from_millis(100).min(self.config.max_retry_delay);
         loop {
             if self.closed.load(Ordering::Acquire) {
                 return None;
@@ -1128,9 +1169,13 @@ impl Volume {
             let volume = self.clone();
             tokio::spawn(async move {
                 let key = keys::checkpoint_key(&volume.id, name);
-                retry_forever(&volume.id, "checkpoint", || {
-                    volume.store.put(&key, body.clone())
-                })
+                let _written = retry_forever(
+                    &volume.id,
+                    "checkpoint",
+                    volume.config.max_retry_delay,
+                    |_| false,
+                    || volume.store.put(&key, body.clone()),
+                )
                 .await;
                 if let Ok(mut st) = volume.lock() {
                     st.remote.checkpoint_written(name);
@@ -1151,7 +1196,9 @@ impl Volume {
             }
             let next = {
                 let Ok(mut st) = self.lock() else { return };
-                let found = find_unhydrated(&st, cursor);
+                // Wrap around before declaring the copy whole: a range behind the cursor can
+                // lose its local bytes again (a failed local write).
+                let found = find_unhydrated(&st, cursor).or_else(|| find_unhydrated(&st, 0));
                 if found.is_none() {
                     st.hydrated = None;
                     if let Err(error) = self.save_local_state(&st) {
@@ -1424,20 +1471,29 @@ pub(crate) fn read_local_state(dir: &std::path::Path) -> Result<Option<LocalStat
     }
 }
 
-/// Retries an idempotent bucket write until it succeeds: the caller holds the data until then.
-pub(crate) async fn retry_forever<F, Fut>(volume: &str, what: &str, mut attempt: F)
+/// Retries an idempotent bucket request until it succeeds (or fails for good, when
+/// `is_final` says so), waiting at most `max_delay` between attempts: the caller holds the
+/// data until then.
+pub(crate) async fn retry_forever<T, F, Fut>(
+    volume: &str,
+    what: &str,
+    max_delay: Duration,
+    is_final: impl Fn(&ObjectStoreError) -> bool,
+    mut attempt: F,
+) -> Result<T, ObjectStoreError>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<(), blockgate_objstore::ObjectStoreError>>,
+    Fut: std::future::Future<Output = Result<T, ObjectStoreError>>,
 {
-    let mut delay = Duration::from_millis(100);
+    let mut delay = Duration::from_millis(100).min(max_delay);
     loop {
         match attempt().await {
-            Ok(()) => return,
+            Ok(value) => return Ok(value),
+            Err(error) if is_final(&error) => return Err(error),
             Err(error) => {
-                tracing::warn!(volume, what, %error, retry_in = ?delay, "bucket write failed");
+                tracing::warn!(volume, what, %error, retry_in = ?delay, "bucket request failed");
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(10));
+                delay = (delay * 2).min(max_delay);
             }
         }
     }
