@@ -239,7 +239,7 @@ impl Volume {
             }
             Mode::Cached => None,
         };
-        let hydrated = match (mode, local.hydrated) {
+        let mut hydrated = match (mode, local.hydrated) {
             (Mode::Stored, false) => {
                 // Everything the bucket does not map is a hole, and holes are hydrated.
                 let mut hydrated = ExtentMap::new();
@@ -292,6 +292,11 @@ impl Volume {
                             file.read_at(&mut data, record.data_position)
                                 .and_then(|()| copy.write_all_at(&data, record.offset))
                                 .map_err(|e| EngineError::local(dir.join("data"), e))?;
+                            // The copy now holds these bytes: the hydrator must not
+                            // overwrite them with the older bytes of the bucket.
+                            if let Some(hydrated) = &mut hydrated {
+                                hydrated.insert(record.offset, u64::from(record.length), ());
+                            }
                         }
                     }
                     RecordKind::Zero => {
@@ -303,6 +308,9 @@ impl Volume {
                         if let Some(copy) = &local_copy {
                             punch_hole(copy, record.offset, u64::from(record.length))
                                 .map_err(|e| EngineError::local(dir.join("data"), e))?;
+                            if let Some(hydrated) = &mut hydrated {
+                                hydrated.insert(record.offset, u64::from(record.length), ());
+                            }
                         }
                     }
                     RecordKind::Resize => size = size.max(record.offset),
@@ -528,6 +536,11 @@ impl Volume {
                 }
                 if st.log_bytes == 0 || st.log_bytes + stored <= self.config.log_capacity {
                     return self.append_locked(&mut st, kind, offset, length, data);
+                }
+                // Space only comes back through uploads: hand the uploader what the current
+                // file holds now rather than when it fills or ages.
+                if let Err(error) = self.seal_locked(&mut st) {
+                    tracing::warn!(volume = %self.id, %error, "could not seal the write log file");
                 }
             }
             self.counters.log_full_waits.fetch_add(1, Ordering::Relaxed);
@@ -911,18 +924,28 @@ impl Volume {
             .cloned()
             .collect();
         for pending in ready {
-            if pending.point_seq < applied {
-                // Only possible after a restart between the upload and the manifest: the
-                // bucket has moved on, so the snapshot's exact point can no longer be cut.
-                tracing::error!(volume = %self.id, snapshot = %pending.id, "snapshot point passed before its manifest was written; snapshot dropped");
+            // After a restart the bucket may already hold segments past the point; no
+            // checkpoint is written while a snapshot is pending, so the point is the newest
+            // checkpoint or one of the segments after it.
+            let point = if pending.point_seq == st.remote.checkpoint.seq {
+                Some(st.remote.checkpoint)
+            } else {
+                st.remote
+                    .since_checkpoint
+                    .iter()
+                    .find(|name| name.seq == pending.point_seq)
+                    .copied()
+            };
+            let Some(point) = point else {
+                tracing::error!(volume = %self.id, snapshot = %pending.id, point = pending.point_seq, "snapshot point is no longer in the bucket's recent history; snapshot dropped");
                 st.pending_snapshots.retain(|p| p.id != pending.id);
                 continue;
-            }
+            };
             let manifest = SnapshotManifest {
                 format: documents::FORMAT,
                 id: pending.id.clone(),
                 volume: self.id.clone(),
-                point: NameDoc(st.remote.applied),
+                point: NameDoc(point),
                 size: pending.size,
                 block_size: self.block_size,
                 checkpoint: NameDoc(st.remote.checkpoint),
@@ -930,6 +953,7 @@ impl Volume {
                     .remote
                     .since_checkpoint
                     .iter()
+                    .filter(|name| name.seq <= point.seq)
                     .map(|n| NameDoc(*n))
                     .collect(),
                 parent: pending.parent.clone(),
