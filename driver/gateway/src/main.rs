@@ -427,10 +427,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .context("cannot open the gateway state")?;
     for flag in &args.volumes {
         let spec = parse_volume_flag(flag)?;
-        engine
-            .create_volume(spec)
-            .await
-            .context("cannot create --volume")?;
+        let id = spec.id.clone();
+        match engine.create_volume(spec).await {
+            Ok(_) => {}
+            // In the bucket but not opened here (fenced by a newer writer, corrupt, or deleted
+            // and kept for its snapshots; the engine logged why): the other volumes are
+            // served, as they would be without the flag.
+            Err(error @ blockgate_engine::EngineError::VolumeExists { .. })
+                if engine.volume(&id).is_err() =>
+            {
+                tracing::error!(volume = %id, %error, "--volume not served: it exists in the bucket but this gateway could not open it");
+            }
+            Err(error) => return Err(error).context("cannot create --volume"),
+        }
     }
 
     let counters = Arc::new(metrics::GatewayCounters::default());
