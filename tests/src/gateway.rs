@@ -57,6 +57,7 @@ pub struct GatewayOptions {
     segment_size: String,
     log_capacity: Option<String>,
     cache_capacity: Option<String>,
+    gc_grace_seconds: Option<u64>,
 }
 
 impl GatewayOptions {
@@ -69,6 +70,7 @@ impl GatewayOptions {
             segment_size: "1MiB".to_string(),
             log_capacity: None,
             cache_capacity: None,
+            gc_grace_seconds: None,
         }
     }
 
@@ -117,6 +119,11 @@ impl GatewayOptions {
 
     pub fn cache_capacity(mut self, size: &str) -> Self {
         self.cache_capacity = Some(size.to_string());
+        self
+    }
+
+    pub fn gc_grace_seconds(mut self, seconds: u64) -> Self {
+        self.gc_grace_seconds = Some(seconds);
         self
     }
 
@@ -211,6 +218,9 @@ impl Gateway {
         }
         if let Some(size) = &options.cache_capacity {
             command.args(["--cache-capacity", size]);
+        }
+        if let Some(seconds) = options.gc_grace_seconds {
+            command.args(["--gc-grace-seconds", &seconds.to_string()]);
         }
         for volume in &options.volumes {
             command.args(["--volume", volume]);

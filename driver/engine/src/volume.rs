@@ -1240,9 +1240,13 @@ impl Volume {
             if let Err(error) =
                 remote::read_run(&*self.store, None, &key, location, &mut data).await
             {
-                tracing::warn!(volume = %self.id, %error, offset, "hydration read failed; retrying");
+                // Move on: one unreadable range (a corrupt frame, say) must not keep the rest
+                // of the copy from hydrating. The wrap-around above retries it later; reads
+                // of it go to the bucket meanwhile and report the error themselves.
+                tracing::warn!(volume = %self.id, %error, offset, "hydration read failed; will retry");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(self.config.max_retry_delay);
+                cursor = offset + length;
                 continue;
             }
             delay = Duration::from_millis(100);

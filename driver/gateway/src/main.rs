@@ -115,6 +115,10 @@ struct ServeArgs {
     /// Seal a partly filled log file after this many milliseconds.
     #[arg(long, default_value_t = 2000)]
     seal_interval_ms: u64,
+    /// An unreferenced segment is deleted only after staying unreferenced this long, so a
+    /// read that resolved it just before still finds it.
+    #[arg(long, default_value_t = 60)]
+    gc_grace_seconds: u64,
     /// Run garbage collection this often (0: only on request).
     #[arg(long, default_value_t = 600)]
     gc_interval_seconds: u64,
@@ -227,7 +231,7 @@ fn parse_size(text: &str) -> Result<u64, String> {
         .trim()
         .parse()
         .map_err(|_| format!("bad size {text:?}"))?;
-    if !(value >= 0.0) {
+    if value.is_nan() || value < 0.0 {
         return Err(format!("bad size {text:?}"));
     }
     let bytes = value * multiplier as f64;
@@ -419,6 +423,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         cache_capacity: args.cache_capacity,
         upload_concurrency: args.upload_concurrency.max(1),
         seal_interval: Duration::from_millis(args.seal_interval_ms),
+        gc_grace: Duration::from_secs(args.gc_grace_seconds),
         ..EngineConfig::default()
     };
     tracing::info!(store = %store.describe(), data_dir = %data_dir.display(), "opening gateway state");

@@ -29,7 +29,9 @@ pub fn render(engine: &Engine, gateway: &GatewayCounters) -> String {
         }
     };
     let volumes = engine.volumes();
-    let mut per_volume: Vec<(&str, &str, &str, Vec<(String, u64)>)> = Vec::new();
+    // (name, type, help, samples) of each per-volume family.
+    type Family<'a> = (&'a str, &'a str, &'a str, Vec<(String, u64)>);
+    let mut per_volume: Vec<Family> = Vec::new();
     macro_rules! volume_metric {
         ($name:literal, $kind:literal, $help:literal, |$v:ident, $s:ident| $value:expr) => {
             per_volume.push((
