@@ -35,6 +35,10 @@ use crate::log::{self, HEADER_LEN, LogFile, RecordKind};
 use crate::remote::{self, RemoteState};
 use crate::unix_now;
 
+/// Read-ahead fetches in pieces of this size, this many at once.
+const PREFETCH_PIECE: u64 = 1 << 20;
+const PREFETCH_CONCURRENCY: usize = 4;
+
 /// Where the newest bytes of a range in the write log are.
 #[derive(Debug, Clone)]
 enum LogLocation {
@@ -181,7 +185,9 @@ pub struct Volume {
     pub(crate) snapshot_ready: Notify,
     cache: Option<ChunkCache>,
     local_copy: Option<File>,
+    /// The frontier of sequential reading, and how far read-ahead has fetched beyond it.
     last_read_end: AtomicU64,
+    prefetched_until: AtomicU64,
     prefetching: AtomicBool,
     closed: AtomicBool,
     pub counters: VolumeCounters,
@@ -405,6 +411,7 @@ impl Volume {
             cache,
             local_copy,
             last_read_end: AtomicU64::new(u64::MAX),
+            prefetched_until: AtomicU64::new(0),
             prefetching: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             counters: VolumeCounters::default(),
@@ -716,6 +723,9 @@ impl Volume {
             self.check_range(st.size, offset, u64::from(length))?;
             self.plan_read(&st, offset, u64::from(length))
         };
+        if self.cache.is_some() {
+            self.note_read_for_readahead(offset, u64::from(length));
+        }
         let result = self.execute(plan, offset, &mut out).await;
         if result.is_err() {
             self.counters.read_errors.fetch_add(1, Ordering::Relaxed);
@@ -725,11 +735,6 @@ impl Volume {
         self.counters
             .read_bytes
             .fetch_add(u64::from(length), Ordering::Relaxed);
-        let end = offset + u64::from(length);
-        let sequential = self.last_read_end.swap(end, Ordering::Relaxed) == offset;
-        if sequential && self.cache.is_some() {
-            self.prefetch(end);
-        }
         Ok(Bytes::from(out))
     }
 
@@ -829,15 +834,50 @@ impl Volume {
         Ok(())
     }
 
-    /// Fetches the next `readahead` bytes of a sequential reader into the cache.
-    fn prefetch(self: &Arc<Self>, from: u64) {
-        if self.config.readahead == 0 || self.prefetching.swap(true, Ordering::AcqRel) {
+    /// Tracks the frontier of sequential reading and starts read-ahead from it.
+    ///
+    /// A reader is sequential when its request starts near the highest end read so far:
+    /// several connections that share out one sequential scan (nbdcopy, the kernel with
+    /// multi-queue) interleave their requests around a common frontier, so requiring
+    /// `offset == previous end` would miss them.
+    fn note_read_for_readahead(self: &Arc<Self>, offset: u64, length: u64) {
+        let readahead = self.config.readahead;
+        if readahead == 0 {
             return;
         }
+        let end = offset + length;
+        let frontier = self.last_read_end.load(Ordering::Relaxed);
+        let near = frontier != u64::MAX
+            && offset <= frontier.saturating_add(readahead / 2)
+            && offset.saturating_add(readahead) >= frontier;
+        if !near {
+            // A new stream (or random reads): forget what was fetched ahead of the old one.
+            self.last_read_end.store(end, Ordering::Relaxed);
+            self.prefetched_until.store(end, Ordering::Relaxed);
+            return;
+        }
+        let frontier = self
+            .last_read_end
+            .fetch_max(end, Ordering::Relaxed)
+            .max(end);
+        // Keep between half and all of the read-ahead window fetched beyond the frontier.
+        let fetched = self.prefetched_until.load(Ordering::Relaxed).max(frontier);
+        if fetched >= frontier + readahead / 2 {
+            return;
+        }
+        self.prefetch(fetched, frontier + readahead);
+    }
+
+    /// Fetches `[from, to)` into the cache, several ranged GETs at once.
+    fn prefetch(self: &Arc<Self>, from: u64, to: u64) {
+        if self.prefetching.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.prefetched_until.fetch_max(to, Ordering::Relaxed);
         let volume = self.clone();
         tokio::spawn(async move {
             let plan = volume.lock().map(|st| {
-                let length = volume.config.readahead.min(st.size.saturating_sub(from));
+                let length = to.min(st.size).saturating_sub(from);
                 let mut plan = Vec::new();
                 for piece in st.overlay.pieces(from, length) {
                     if piece.value.is_none() {
@@ -846,11 +886,24 @@ impl Volume {
                 }
                 plan
             });
-            if let Ok(plan) = plan {
-                for (_, length, source) in plan {
-                    if let Source::Remote(key, location) = source {
+            // Pieces of at most PREFETCH_PIECE bytes, so one long run is fetched in parallel.
+            let mut pieces = Vec::new();
+            for (_, length, source) in plan.unwrap_or_default() {
+                if let Source::Remote(key, location) = source {
+                    let mut at = 0;
+                    while at < length {
+                        let take = (length - at).min(PREFETCH_PIECE);
+                        pieces.push((key.clone(), location.advance(at), take));
+                        at += take;
+                    }
+                }
+            }
+            let fetches =
+                futures::stream::iter(pieces.into_iter().map(|(key, location, length)| {
+                    let volume = volume.clone();
+                    async move {
                         let mut sink = vec![0u8; usize::try_from(length).unwrap_or(0)];
-                        if let Err(error) = remote::read_run(
+                        remote::read_run(
                             &*volume.store,
                             volume.cache.as_ref(),
                             &key,
@@ -858,11 +911,13 @@ impl Volume {
                             &mut sink,
                         )
                         .await
-                        {
-                            tracing::debug!(volume = %volume.id, %error, "read-ahead failed");
-                            break;
-                        }
                     }
+                }))
+                .buffer_unordered(PREFETCH_CONCURRENCY);
+            tokio::pin!(fetches);
+            while let Some(result) = fetches.next().await {
+                if let Err(error) = result {
+                    tracing::debug!(volume = %volume.id, %error, "read-ahead failed");
                 }
             }
             volume.prefetching.store(false, Ordering::Release);
