@@ -1,0 +1,378 @@
+#!/usr/bin/env bash
+# Benchmarks the gateway beside its baselines, in one run on one disk (see
+# /work/shared/BENCHMARKS.md and docs/benchmarks.md), and prints a markdown table.
+#
+#   scripts/bench.sh
+#
+# Starts, in a temporary directory: s3s-fs (the S3 server), the release gateway on it, and
+# qemu-nbd over raw files (the local NBD baseline, --cache=none, and --cache=writeback as a
+# second opinion). Rows:
+#   (a)  4K random write, QD32, one FLUSH every 32 writes (nbd-load: exact cadence)
+#   (a') the same with fio --fsync=32 (fio sends far more flushes; counted and shown)
+#   (b)  4K random read, QD32, warm (region pre-written, uploaded, and read once)
+#   (c)  1 MiB sequential write and read, QD8
+#   (d)  upload: time for the gateway to drain N MiB of writes into S3, vs raw aws-sdk-s3 PUT
+#   (e)  cold read from S3 by a gateway with a fresh data directory, vs raw ranged GET
+#   (f)  memory of a gateway holding a 1 TiB volume after scattered 4K writes
+#   (g)  snapshot cut time on that volume
+#
+# Settings (environment):
+#   BENCH_RUNTIME=20              seconds per timed fio / nbd-load job
+#   BENCH_SCATTERED_WRITES=1000000 4K writes for (f) and (g)
+#   BENCH_REGION_MIB=1024         the volume / raw file size for (a)-(c)
+#   BENCH_UPLOAD_MIB=1024         data for (d) and (e)
+#   BENCH_WORK_DIR                where everything runs (default: a new temp directory; its
+#                                 filesystem is the disk being measured)
+#   BENCH_KEEP=1                  keep the work directory
+# Output: the table on stdout and in target/bench/results.md; raw JSON in target/bench/raw/.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/blockgate/target}
+export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+export RUST_BACKTRACE=0
+
+RUNTIME=${BENCH_RUNTIME:-20}
+SCATTERED_WRITES=${BENCH_SCATTERED_WRITES:-1000000}
+REGION_MIB=${BENCH_REGION_MIB:-1024}
+UPLOAD_MIB=${BENCH_UPLOAD_MIB:-1024}
+WORK=${BENCH_WORK_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/blockgate-bench.XXXXXX")}
+mkdir -p "$WORK"
+OUT=$ROOT/target/bench
+RAW=$OUT/raw
+rm -rf "$RAW"
+mkdir -p "$RAW"
+ROWS=$RAW/rows.jsonl
+: >"$ROWS"
+HELPER=(python3 "$ROOT/scripts/bench_helper.py")
+BUCKET=bench
+export AWS_ACCESS_KEY_ID=blockgate-bench
+export AWS_SECRET_ACCESS_KEY=blockgate-bench-secret
+export AWS_REGION=us-east-1
+LOAD_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
+INVOCATION="BENCH_RUNTIME=$RUNTIME BENCH_SCATTERED_WRITES=$SCATTERED_WRITES BENCH_REGION_MIB=$REGION_MIB BENCH_UPLOAD_MIB=$UPLOAD_MIB scripts/bench.sh"
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+die() { printf 'bench.sh: %s\n' "$*" >&2; exit 1; }
+now() { date +%s.%N; }
+elapsed() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.3f}')" "$1" "$2"; }
+calc() { python3 -c "import sys; print(format(eval(sys.argv[1]), sys.argv[2]))" "$1" "${2:-.1f}"; }
+
+for tool in fio qemu-nbd nbdcopy s3s-fs python3 cargo; do
+    command -v "$tool" >/dev/null || die "$tool is missing: run scripts/test.sh once (it installs the tools)"
+done
+
+# Processes this script started, by PID; stopped on exit.
+STARTED=()
+cleanup() {
+    local pid
+    for pid in "${STARTED[@]+"${STARTED[@]}"}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${STARTED[@]+"${STARTED[@]}"}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    if [ "${BENCH_KEEP:-0}" != 1 ]; then
+        rm -rf "$WORK"
+    else
+        echo "kept $WORK" >&2
+    fi
+}
+trap cleanup EXIT
+trap 'exit 143' INT TERM
+
+log "building (release)"
+cargo build --release -p blockgate-gateway -p blockgate-bench >&2
+BIN=$CARGO_TARGET_DIR/release
+GATEWAY=$BIN/blockgate-gateway
+NBD_LOAD=$BIN/nbd-load
+S3_BASELINE=$BIN/s3-baseline
+
+wait_for() { # DESCRIPTION SECONDS COMMAND...: polls COMMAND until it succeeds
+    local what=$1 seconds=$2
+    shift 2
+    local deadline=$((SECONDS + seconds))
+    until "$@" >/dev/null 2>&1; do
+        [ $SECONDS -lt $deadline ] || die "timed out after ${seconds}s waiting for $what"
+        sleep 0.1
+    done
+}
+
+# --- servers -----------------------------------------------------------------------------
+S3_PORT=$("${HELPER[@]}" free-port)
+S3_ENDPOINT=http://127.0.0.1:$S3_PORT
+mkdir -p "$WORK/s3/$BUCKET"
+log "s3s-fs on $S3_ENDPOINT (root $WORK/s3)"
+s3s-fs --host 127.0.0.1 --port "$S3_PORT" --access-key "$AWS_ACCESS_KEY_ID" \
+    --secret-key "$AWS_SECRET_ACCESS_KEY" "$WORK/s3" >"$WORK/s3s-fs.log" 2>&1 &
+STARTED+=($!)
+wait_for "s3s-fs" 30 bash -c "exec 3<>/dev/tcp/127.0.0.1/$S3_PORT"
+
+GATEWAY_PID=
+METRICS_PORT=
+GATEWAY_DIR=
+# start_gateway NAME PREFIX [serve flags...]: a gateway on s3://$BUCKET/PREFIX with data in
+# $WORK/NAME; sets GATEWAY_PID, GATEWAY_DIR and METRICS_PORT.
+start_gateway() {
+    local name=$1 prefix=$2
+    shift 2
+    GATEWAY_DIR=$WORK/$name
+    METRICS_PORT=$("${HELPER[@]}" free-port)
+    log "gateway $name (store s3://$BUCKET/$prefix, metrics :$METRICS_PORT)"
+    "$GATEWAY" serve --data-dir "$GATEWAY_DIR" \
+        --store "s3://$BUCKET/$prefix" --s3-endpoint "$S3_ENDPOINT" --s3-region "$AWS_REGION" \
+        --s3-path-style --metrics "127.0.0.1:$METRICS_PORT" \
+        --seal-interval-ms 200 --gc-interval-seconds 0 "$@" \
+        >"$WORK/$name.out" 2>"$WORK/$name.log" &
+    GATEWAY_PID=$!
+    STARTED+=("$GATEWAY_PID")
+    wait_for "gateway $name (see $WORK/$name.log)" 120 grep -q '^ready' "$WORK/$name.out"
+}
+
+stop_gateway() {
+    kill -TERM "$GATEWAY_PID"
+    wait "$GATEWAY_PID" || true
+}
+
+metric() { "${HELPER[@]}" metric "$METRICS_PORT" "$@"; }
+
+drained() { # VOLUME: true once the volume's write log is empty (everything is in S3)
+    [ "$(metric blockgate_volume_log_bytes "$1")" = 0 ] &&
+        [ "$(metric blockgate_volume_upload_backlog_segments "$1")" = 0 ]
+}
+
+wait_drained() {
+    wait_for "volume $1 to finish uploading" "${2:-900}" drained "$1"
+}
+
+# qemu-nbd over a raw file, the local NBD baseline.
+start_qemu() { # NAME CACHE: sets QEMU_SOCKET
+    local name=$1 cache=$2
+    local file=$WORK/$name.raw
+    QEMU_SOCKET=$WORK/$name.sock
+    truncate -s "${REGION_MIB}M" "$file"
+    log "qemu-nbd $name (--cache=$cache)"
+    qemu-nbd -f raw --cache="$cache" --shared=8 -t -k "$QEMU_SOCKET" "$file" \
+        >"$WORK/$name.log" 2>&1 &
+    STARTED+=($!)
+    wait_for "qemu-nbd $name" 30 test -S "$QEMU_SOCKET"
+}
+
+# --- (a)-(c): the block I/O path -----------------------------------------------------------
+start_gateway gw-io io --volume "perf=${REGION_MIB}MiB" --volume "upload=${UPLOAD_MIB}MiB" \
+    --cache-capacity "$((REGION_MIB * 2))MiB"
+GW_IO_DIR=$GATEWAY_DIR
+GW_IO_PID=$GATEWAY_PID
+start_qemu qemu-none none
+QEMU_NONE=$QEMU_SOCKET
+start_qemu qemu-wb writeback
+QEMU_WB=$QEMU_SOCKET
+
+# Targets: label, socket, export name.
+TARGETS=(blockgate qemu-none qemu-wb)
+declare -A SOCKET=([blockgate]=$GW_IO_DIR/nbd.sock [qemu-none]=$QEMU_NONE [qemu-wb]=$QEMU_WB)
+declare -A EXPORT=([blockgate]=perf [qemu-none]= [qemu-wb]=)
+uri() { echo "nbd+unix:///${EXPORT[$1]}?socket=${SOCKET[$1]}"; }
+
+FIO_COMMON=(--size="${REGION_MIB}m" --output-format=json)
+# run_fio NAME TARGET fio-args...: writes $RAW/NAME-TARGET.json
+run_fio() {
+    local name=$1 target=$2
+    shift 2
+    # --uri is an option of the nbd engine: it must follow --ioengine.
+    fio --name="$name" --ioengine=nbd --uri="$(uri "$target")" "${FIO_COMMON[@]}" "$@" \
+        --output="$RAW/$name-$target.json" >/dev/null
+}
+
+log "pre-writing the ${REGION_MIB} MiB region of each server"
+for target in "${TARGETS[@]}"; do
+    run_fio prewrite "$target" --rw=write --bs=1m --iodepth=8
+done
+wait_drained perf
+
+log "(a) 4K random write QD32, one flush every 32 writes (nbd-load), ${RUNTIME}s each"
+NBD_LOAD_ARGS=(--pattern randwrite --block-size 4096 --iodepth 32 --flush-every 32 --runtime "$RUNTIME")
+flushes_before=$(metric blockgate_volume_flushes_total perf)
+writes_before=$(metric blockgate_volume_writes_total perf)
+for target in "${TARGETS[@]}"; do
+    "$NBD_LOAD" --socket "${SOCKET[$target]}" --export "${EXPORT[$target]}" "${NBD_LOAD_ARGS[@]}" \
+        >"$RAW/a-$target.json"
+done
+server_flushes=$(($(metric blockgate_volume_flushes_total perf) - flushes_before))
+server_writes=$(($(metric blockgate_volume_writes_total perf) - writes_before))
+iops() { "${HELPER[@]}" json "$RAW/$1.json" iops | xargs printf '%.0f'; }
+"${HELPER[@]}" row "$ROWS" row=a unit=IOPS \
+    what="4K random write, QD32, 1 flush per 32 writes" \
+    blockgate="$(iops a-blockgate)" baseline="$(iops a-qemu-none)" baseline_label="qemu-nbd cache=none" \
+    second="$(iops a-qemu-wb)" second_label="qemu-nbd cache=writeback" \
+    notes="flushes/writes seen by the gateway: $server_flushes/$server_writes; p99 latency $("${HELPER[@]}" json "$RAW/a-blockgate.json" latency_us.p99 | xargs printf '%.0f') µs vs $("${HELPER[@]}" json "$RAW/a-qemu-none.json" latency_us.p99 | xargs printf '%.0f') µs" \
+    command="\$CARGO_TARGET_DIR/release/nbd-load --socket SOCK --export NAME ${NBD_LOAD_ARGS[*]}"
+
+log "(a') the same with fio --fsync=32 (fio's own flush cadence), ${RUNTIME}s each"
+FIO_A=(--rw=randwrite --bs=4k --iodepth=32 --fsync=32 --time_based --runtime="$RUNTIME")
+for target in "${TARGETS[@]}"; do
+    run_fio a-fio "$target" "${FIO_A[@]}"
+done
+fio_figure() { "${HELPER[@]}" fio "$RAW/$1.json" "${@:2}"; }
+"${HELPER[@]}" row "$ROWS" row="a'" unit=IOPS \
+    what="4K random write, QD32, fio --fsync=32" \
+    blockgate="$(fio_figure a-fio-blockgate iops write)" \
+    baseline="$(fio_figure a-fio-qemu-none iops write)" baseline_label="qemu-nbd cache=none" \
+    second="$(fio_figure a-fio-qemu-wb iops write)" second_label="qemu-nbd cache=writeback" \
+    notes="flushes/writes sent by fio: blockgate $(fio_figure a-fio-blockgate syncs write)/$(fio_figure a-fio-blockgate ios write), qemu-nbd $(fio_figure a-fio-qemu-none syncs write)/$(fio_figure a-fio-qemu-none ios write)" \
+    command="fio --name=a --ioengine=nbd --uri=\$URI --size=${REGION_MIB}m ${FIO_A[*]}"
+
+log "(c) 1 MiB sequential write QD8, ${RUNTIME}s each"
+FIO_CW=(--rw=write --bs=1m --iodepth=8 --time_based --runtime="$RUNTIME")
+for target in "${TARGETS[@]}"; do
+    run_fio c-write "$target" "${FIO_CW[@]}"
+done
+
+log "waiting for the gateway to upload, then reading the region once (warm-up)"
+wait_drained perf
+for target in "${TARGETS[@]}"; do
+    nbdcopy "$(uri "$target")" null:
+done
+misses_before=$(metric blockgate_volume_cache_misses_total perf)
+
+log "(b) 4K random read QD32 (warm), ${RUNTIME}s each"
+FIO_B=(--rw=randread --bs=4k --iodepth=32 --time_based --runtime="$RUNTIME")
+for target in "${TARGETS[@]}"; do
+    run_fio b "$target" "${FIO_B[@]}"
+done
+log "(c) 1 MiB sequential read QD8 (warm), ${RUNTIME}s each"
+FIO_CR=(--rw=read --bs=1m --iodepth=8 --time_based --runtime="$RUNTIME")
+for target in "${TARGETS[@]}"; do
+    run_fio c-read "$target" "${FIO_CR[@]}"
+done
+read_misses=$(($(metric blockgate_volume_cache_misses_total perf) - misses_before))
+"${HELPER[@]}" row "$ROWS" row=b unit=IOPS what="4K random read, QD32, warm" \
+    blockgate="$(fio_figure b-blockgate iops read)" \
+    baseline="$(fio_figure b-qemu-none iops read)" baseline_label="qemu-nbd cache=none" \
+    second="$(fio_figure b-qemu-wb iops read)" second_label="qemu-nbd cache=writeback" \
+    notes="blockgate reads come from its local read cache (region uploaded, then read once); cache misses during (b) and (c): $read_misses" \
+    command="fio --name=b --ioengine=nbd --uri=\$URI --size=${REGION_MIB}m ${FIO_B[*]}"
+"${HELPER[@]}" row "$ROWS" row=c-write unit=MiB/s what="1 MiB sequential write, QD8" \
+    blockgate="$(fio_figure c-write-blockgate mibps write)" \
+    baseline="$(fio_figure c-write-qemu-none mibps write)" baseline_label="qemu-nbd cache=none" \
+    second="$(fio_figure c-write-qemu-wb mibps write)" second_label="qemu-nbd cache=writeback" \
+    notes="no flushes; the gateway uploads to S3 meanwhile" \
+    command="fio --name=c-write --ioengine=nbd --uri=\$URI --size=${REGION_MIB}m ${FIO_CW[*]}"
+"${HELPER[@]}" row "$ROWS" row=c-read unit=MiB/s what="1 MiB sequential read, QD8, warm" \
+    blockgate="$(fio_figure c-read-blockgate mibps read)" \
+    baseline="$(fio_figure c-read-qemu-none mibps read)" baseline_label="qemu-nbd cache=none" \
+    second="$(fio_figure c-read-qemu-wb mibps read)" second_label="qemu-nbd cache=writeback" \
+    notes="local read cache, as in (b)" \
+    command="fio --name=c-read --ioengine=nbd --uri=\$URI --size=${REGION_MIB}m ${FIO_CR[*]}"
+
+# --- (d) upload throughput ------------------------------------------------------------------
+log "(d) upload: ${UPLOAD_MIB} MiB written to volume upload, timed until drained"
+head -c "$((UPLOAD_MIB << 20))" /dev/urandom >"$WORK/upload.data"
+uploaded_before=$(metric blockgate_volume_uploaded_bytes_total upload)
+started=$(now)
+nbdcopy --flush "$WORK/upload.data" "nbd+unix:///upload?socket=$GW_IO_DIR/nbd.sock"
+written=$(now)
+wait_drained upload
+finished=$(now)
+uploaded=$(($(metric blockgate_volume_uploaded_bytes_total upload) - uploaded_before))
+drain_seconds=$(elapsed "$started" "$finished")
+write_seconds=$(elapsed "$started" "$written")
+"$S3_BASELINE" --endpoint "$S3_ENDPOINT" --bucket "$BUCKET" --region "$AWS_REGION" \
+    --access-key "$AWS_ACCESS_KEY_ID" --secret-key "$AWS_SECRET_ACCESS_KEY" \
+    --total-mib "$UPLOAD_MIB" >"$RAW/s3-baseline.json"
+"${HELPER[@]}" row "$ROWS" row=d unit=MiB/s what="upload to S3 (${UPLOAD_MIB} MiB written, until the log is empty)" \
+    blockgate="$(calc "$UPLOAD_MIB / $drain_seconds")" \
+    baseline="$("${HELPER[@]}" json "$RAW/s3-baseline.json" put.mib_per_second | xargs printf '%.1f')" \
+    baseline_label="aws-sdk-s3 PUT, 8 MiB objects, 4 at once" \
+    notes="drained in ${drain_seconds} s (nbdcopy finished writing at ${write_seconds} s); $(calc "$uploaded / 1048576") MiB of segments uploaded" \
+    command="nbdcopy --flush upload.data \$URI, then poll blockgate_volume_log_bytes until 0" \
+    command="\$CARGO_TARGET_DIR/release/s3-baseline --endpoint http://127.0.0.1:PORT --bucket $BUCKET --region $AWS_REGION --access-key K --secret-key S --total-mib $UPLOAD_MIB"
+
+# --- (e) cold read from S3 --------------------------------------------------------------------
+log "(e) cold read: a gateway with a fresh data directory reads volume upload from S3"
+stop_gateway
+start_gateway gw-cold io
+started=$(now)
+nbdcopy "nbd+unix:///upload?socket=$GATEWAY_DIR/nbd.sock" /dev/null
+finished=$(now)
+cold_seconds=$(elapsed "$started" "$finished")
+"${HELPER[@]}" row "$ROWS" row=e unit=MiB/s what="cold sequential read from S3 (${UPLOAD_MIB} MiB)" \
+    blockgate="$(calc "$UPLOAD_MIB / $cold_seconds")" \
+    baseline="$("${HELPER[@]}" json "$RAW/s3-baseline.json" get.mib_per_second | xargs printf '%.1f')" \
+    baseline_label="aws-sdk-s3 ranged GET, 4 MiB ranges, 4 at once" \
+    notes="fresh data directory on the same bucket: empty cache, every byte from s3s-fs; ${cold_seconds} s" \
+    command="nbdcopy \$URI /dev/null"
+stop_gateway
+
+# --- (f), (g) a 1 TiB volume after scattered writes ---------------------------------------------
+log "(f) 1 TiB volume, ${SCATTERED_WRITES} scattered 4K writes"
+start_gateway gw-big big --volume big=1TiB --volume empty=1TiB
+status_kib() { awk -v field="$1:" '$1 == field { print $2 }' "/proc/$GATEWAY_PID/status"; }
+idle_rss_kib=$(status_kib VmRSS)
+FIO_F=(--rw=randwrite --bs=4k --iodepth=32 --size=1t --number_ios="$SCATTERED_WRITES" --norandommap --randrepeat=0)
+started=$(now)
+fio --name=scattered --ioengine=nbd --uri="nbd+unix:///big?socket=$GATEWAY_DIR/nbd.sock" \
+    "${FIO_F[@]}" --output-format=json --output="$RAW/f-scattered.json" >/dev/null
+written=$(now)
+wait_drained big 1800
+drained_at=$(now)
+hwm_kib=$(status_kib VmHWM)
+rss_kib=$(status_kib VmRSS)
+extents=$(metric blockgate_volume_map_extents big)
+"${HELPER[@]}" row "$ROWS" row=f unit=MiB what="gateway memory, 1 TiB volume after ${SCATTERED_WRITES} scattered 4K writes (VmHWM)" \
+    blockgate="$(calc "$hwm_kib / 1024")" \
+    baseline="$(calc "$idle_rss_kib / 1024")" baseline_label="same gateway before the writes (VmRSS)" \
+    better=lower \
+    notes="VmRSS after upload $(calc "$rss_kib / 1024") MiB (growth $(calc "($rss_kib - $idle_rss_kib) / 1024") MiB); map extents $extents; target: map memory < 256 MiB; writes took $(elapsed "$started" "$written") s at $(fio_figure f-scattered iops write) IOPS, upload drained $(elapsed "$written" "$drained_at") s later" \
+    command="fio --name=scattered --ioengine=nbd --uri=\$URI ${FIO_F[*]}"
+
+log "(g) snapshot cut on the 1 TiB volume"
+snapshot_cut() { # VOLUME SNAPSHOT: prints the seconds \`snapshot create\` took
+    local started finished
+    started=$(now)
+    "$GATEWAY" snapshot create "$1" "$2" --data-dir "$GATEWAY_DIR" >"$RAW/g-$2.json"
+    finished=$(now)
+    elapsed "$started" "$finished"
+}
+big_cut=$(snapshot_cut big snap-big)
+started=$(now)
+"$GATEWAY" snapshot wait snap-big --data-dir "$GATEWAY_DIR" >/dev/null
+ready_seconds=$(elapsed "$started" "$(now)")
+empty_cut=$(snapshot_cut empty snap-empty)
+"${HELPER[@]}" row "$ROWS" row=g unit=ms what="snapshot cut (\`snapshot create\` returns), 1 TiB volume with ${extents} extents" \
+    blockgate="$(calc "$big_cut * 1000" .0f)" \
+    baseline="$(calc "$empty_cut * 1000" .0f)" baseline_label="the same on an empty 1 TiB volume" \
+    better=lower \
+    notes="includes starting the CLI; snapshot ready $(calc "$ready_seconds * 1000" .0f) ms after the cut returned" \
+    command="blockgate-gateway snapshot create big snap-big --data-dir DIR"
+
+log "(f') the same gateway restarted: memory with the map loaded from the bucket and local state"
+stop_gateway
+start_gateway gw-big big
+restart_rss_kib=$(status_kib VmRSS)
+restart_hwm_kib=$(status_kib VmHWM)
+restart_extents=$(metric blockgate_volume_map_extents big)
+"${HELPER[@]}" row "$ROWS" row="f'" unit=MiB what="the same gateway restarted, volume open with its map (VmRSS)" \
+    blockgate="$(calc "$restart_rss_kib / 1024")" \
+    baseline="$(calc "$idle_rss_kib / 1024")" baseline_label="empty volumes, as in (f)" \
+    better=lower \
+    notes="VmHWM $(calc "$restart_hwm_kib / 1024") MiB during start; map extents $restart_extents; no write log or upload buffers in play, so the growth over the baseline is mostly the map" \
+    command="blockgate-gateway serve ... (restart on the same data directory and bucket)"
+stop_gateway
+
+# --- report -------------------------------------------------------------------------------
+HEADER=$RAW/header.md
+{
+    echo "## Results $(date -u +%Y-%m-%dT%H:%MZ)"
+    echo
+    echo "- command: \`$INVOCATION\`"
+    echo "- commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$([ -z "$(git status --porcelain 2>/dev/null)" ] || echo ' (with uncommitted changes)')"
+    echo "- machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), disk: $(df -h --output=source,fstype "$WORK" | tail -n1 | xargs) (work dir $WORK)"
+    echo "- load average (1, 5, 15 min) at the start: $LOAD_AT_START; at the end: $(cut -d' ' -f1-3 /proc/loadavg) (the machine is shared; compare rows, not runs)"
+    echo "- servers: s3s-fs $(s3s-fs --version 2>/dev/null | awk '{print $2}'), $(qemu-nbd --version | head -n1), $(fio --version)"
+    echo "- gateway: release build, defaults except --seal-interval-ms 200 and --cache-capacity $((REGION_MIB * 2))MiB; store s3s-fs on the same disk"
+}>"$HEADER"
+"${HELPER[@]}" render "$ROWS" "$HEADER" | tee "$OUT/results.md"
+echo >&2
+echo "results: $OUT/results.md (raw JSON in $RAW)" >&2
