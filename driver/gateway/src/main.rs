@@ -257,9 +257,20 @@ async fn main() -> anyhow::Result<()> {
 
 fn print(value: serde_json::Value) -> anyhow::Result<()> {
     if !value.is_null() {
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        say(&serde_json::to_string_pretty(&value)?);
     }
     Ok(())
+}
+
+/// Prints a line to stdout; a reader that went away (`| head`) is not an error worth a panic.
+fn say(line: &str) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(error) = writeln!(stdout, "{line}").and_then(|()| stdout.flush())
+        && error.kind() != std::io::ErrorKind::BrokenPipe
+    {
+        tracing::warn!(%error, "cannot write to stdout");
+    }
 }
 
 async fn volume_command(command: VolumeCommand) -> anyhow::Result<()> {
@@ -478,7 +489,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             exports.clone(),
             counters.clone(),
         )));
-        println!("nbd over tcp: nbd://{address}/<volume>");
+        say(&format!("nbd over tcp: nbd://{address}/<volume>"));
     }
     if let (Some(address), false) = (args.metrics, args.no_metrics) {
         if !address.ip().is_loopback() {
@@ -487,7 +498,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(address)
             .await
             .with_context(|| format!("cannot listen on {address}"))?;
-        println!("metrics: http://{}/metrics", listener.local_addr()?);
+        say(&format!(
+            "metrics: http://{}/metrics",
+            listener.local_addr()?
+        ));
         tasks.push(tokio::spawn(metrics::serve(
             listener,
             engine.clone(),
@@ -508,23 +522,26 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             }
         }));
     }
-    println!("blockgate gateway serving; data in {}", data_dir.display());
-    println!("admin socket: {}", admin_socket.display());
+    say(&format!(
+        "blockgate gateway serving; data in {}",
+        data_dir.display()
+    ));
+    say(&format!("admin socket: {}", admin_socket.display()));
     for volume in engine.volumes() {
-        println!(
+        say(&format!(
             "export {}: nbd+unix:///{}?socket={}",
             volume.id,
             volume.id,
             nbd_socket.display()
-        );
+        ));
     }
     if engine.volumes().is_empty() {
-        println!(
+        say(&format!(
             "no volumes yet: blockgate-gateway volume create NAME --size 1GiB --data-dir {}",
             data_dir.display()
-        );
+        ));
     }
-    println!("ready");
+    say("ready");
 
     shutdown_signal().await;
     tracing::info!("shutting down: write logs stay on disk and are replayed at the next start");
