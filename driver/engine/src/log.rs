@@ -94,6 +94,10 @@ pub struct LogFile {
     /// sync that cleaned it has finished, not merely begun (a flush racing with the
     /// uploader's sync of the same file must not return early).
     syncing: Mutex<()>,
+    /// Created but its directory entry not yet made durable. Creating a file happens while
+    /// writers wait (sealing), so the directory fsync is left to the file's first sync: a
+    /// flush or the upload, which is when the file's contents must survive a crash anyway.
+    directory_unsynced: AtomicBool,
 }
 
 impl LogFile {
@@ -125,13 +129,13 @@ impl LogFile {
                 }
             }
         }
-        sync_directory(dir)?;
         Ok(LogFile {
             seq,
             path,
             file,
             dirty: AtomicBool::new(false),
             syncing: Mutex::new(()),
+            directory_unsynced: AtomicBool::new(true),
         })
     }
 
@@ -143,6 +147,8 @@ impl LogFile {
             file,
             dirty: AtomicBool::new(false),
             syncing: Mutex::new(()),
+            // Found after a restart: its entry may not have been made durable before.
+            directory_unsynced: AtomicBool::new(true),
         })
     }
 
@@ -165,6 +171,13 @@ impl LogFile {
         {
             self.dirty.store(true, Ordering::Release);
             return Err(error);
+        }
+        if self.directory_unsynced.swap(false, Ordering::AcqRel) {
+            let directory = self.path.parent().unwrap_or(Path::new("."));
+            if let Err(error) = sync_directory(directory) {
+                self.directory_unsynced.store(true, Ordering::Release);
+                return Err(error);
+            }
         }
         Ok(())
     }
