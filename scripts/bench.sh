@@ -11,8 +11,12 @@
 #   (a') the same with fio --fsync=32 (fio sends far more flushes; counted and shown)
 #   (b)  4K random read, QD32, warm (region pre-written, uploaded, and read once)
 #   (c)  1 MiB sequential write and read, QD8
-#   (d)  upload: time for the gateway to drain N MiB of writes into S3, vs raw aws-sdk-s3 PUT
-#   (e)  cold read from S3 by a gateway with a fresh data directory, vs raw ranged GET
+#   (d)  upload from a backlog: N MiB written while s3s-fs is stopped, the gateway killed
+#        (-9), s3s-fs and the gateway restarted; upload throughput from the restarted
+#        gateway's `ready` until its log is empty, vs raw aws-sdk-s3 PUT (second opinion: the
+#        earlier figure, from the first write until drained with S3 up)
+#   (e)  cold read from S3 by a gateway with a fresh data directory, vs raw ranged GET (4 MiB
+#        ranges; 1 MiB ranges, the read-ahead's, as a second opinion)
 #   (f)  memory of a gateway holding a 1 TiB volume after scattered 4K writes
 #   (g)  snapshot cut time on that volume
 #
@@ -103,18 +107,38 @@ wait_for() { # DESCRIPTION SECONDS COMMAND...: polls COMMAND until it succeeds
 S3_PORT=$("${HELPER[@]}" free-port)
 S3_ENDPOINT=http://127.0.0.1:$S3_PORT
 mkdir -p "$WORK/s3/$BUCKET"
-log "s3s-fs on $S3_ENDPOINT (root $WORK/s3)"
-s3s-fs --host 127.0.0.1 --port "$S3_PORT" --access-key "$AWS_ACCESS_KEY_ID" \
-    --secret-key "$AWS_SECRET_ACCESS_KEY" "$WORK/s3" >"$WORK/s3s-fs.log" 2>&1 &
-STARTED+=($!)
-wait_for "s3s-fs" 30 bash -c "exec 3<>/dev/tcp/127.0.0.1/$S3_PORT"
+S3_PID=
+start_s3() { # (re)starts s3s-fs on $S3_PORT over $WORK/s3; sets S3_PID
+    log "s3s-fs on $S3_ENDPOINT (root $WORK/s3)"
+    s3s-fs --host 127.0.0.1 --port "$S3_PORT" --access-key "$AWS_ACCESS_KEY_ID" \
+        --secret-key "$AWS_SECRET_ACCESS_KEY" "$WORK/s3" >>"$WORK/s3s-fs.log" 2>&1 &
+    S3_PID=$!
+    STARTED+=("$S3_PID")
+    wait_for "s3s-fs" 30 bash -c "exec 3<>/dev/tcp/127.0.0.1/$S3_PORT"
+}
+forget_pid() { # PID: a process this script stopped itself is not stopped again on exit
+    local pid kept=()
+    for pid in "${STARTED[@]+"${STARTED[@]}"}"; do
+        [ "$pid" = "$1" ] || kept+=("$pid")
+    done
+    STARTED=("${kept[@]+"${kept[@]}"}")
+}
+stop_s3() { # the S3 server goes away (row d's outage); its data stays in $WORK/s3
+    log "stopping s3s-fs"
+    kill -TERM "$S3_PID"
+    wait "$S3_PID" 2>/dev/null || true
+    forget_pid "$S3_PID"
+    S3_PID=
+}
+start_s3
 
 GATEWAY_PID=
 METRICS_PORT=
 GATEWAY_DIR=
-# start_gateway NAME PREFIX [serve flags...]: a gateway on s3://$BUCKET/PREFIX with data in
-# $WORK/NAME; sets GATEWAY_PID, GATEWAY_DIR and METRICS_PORT.
-start_gateway() {
+# launch_gateway NAME PREFIX [serve flags...]: starts a gateway on s3://$BUCKET/PREFIX with
+# data in $WORK/NAME, stdout in $WORK/NAME.out (it prints `ready` once serving) and its log in
+# $WORK/NAME.log; sets GATEWAY_PID, GATEWAY_DIR and METRICS_PORT. Does not wait.
+launch_gateway() {
     local name=$1 prefix=$2
     shift 2
     GATEWAY_DIR=$WORK/$name
@@ -127,15 +151,31 @@ start_gateway() {
         >"$WORK/$name.out" 2>"$WORK/$name.log" &
     GATEWAY_PID=$!
     STARTED+=("$GATEWAY_PID")
-    wait_for "gateway $name (see $WORK/$name.log)" 120 grep -q '^ready' "$WORK/$name.out"
+}
+
+# start_gateway NAME PREFIX [serve flags...]: launch_gateway, then wait until it is ready.
+start_gateway() {
+    launch_gateway "$@"
+    wait_for "gateway $1 (see $WORK/$1.log)" 120 grep -q '^ready' "$WORK/$1.out"
 }
 
 stop_gateway() {
     kill -TERM "$GATEWAY_PID"
     wait "$GATEWAY_PID" || true
+    forget_pid "$GATEWAY_PID"
 }
 
 metric() { "${HELPER[@]}" metric "$METRICS_PORT" "$@"; }
+
+# Rows d and e time S3 traffic right after a gigabyte was written to this disk (the test data,
+# a write log, s3s-fs's files), and the kernel writes such dirty pages back in the background,
+# slowing whatever runs next. So each timed phase of rows d and e starts after a sync, the
+# gateway's and the baselines' alike. (Without it, two PUT baselines run one after the other
+# after row d differed by 30%, 330 and 430-485 MiB/s; with it, by 10-15%.)
+settle() {
+    log "sync (dirty pages: $(awk '/^Dirty:/ {print $2, $3}' /proc/meminfo))"
+    sync
+}
 
 drained() { # VOLUME: true once the volume's write log is empty (everything is in S3)
     [ "$(metric blockgate_volume_log_bytes "$1")" = 0 ] &&
@@ -267,31 +307,80 @@ read_misses=$(($(metric blockgate_volume_cache_misses_total perf) - misses_befor
     command="fio --name=c-read --ioengine=nbd --uri=\$URI --size=${REGION_MIB}m ${FIO_CR[*]}"
 
 # --- (d) upload throughput ------------------------------------------------------------------
-log "(d) upload: ${UPLOAD_MIB} MiB written to volume upload, timed until drained"
 head -c "$((UPLOAD_MIB << 20))" /dev/urandom >"$WORK/upload.data"
+settle
+
+# Second opinion, the method of the first runs: from nbdcopy's first write until the log is
+# empty, with s3s-fs up throughout. It includes the time nbdcopy takes to write the data
+# locally, so it is not an upload figure on its own. The data stays in the bucket for row e.
+log "(d, second opinion) ${UPLOAD_MIB} MiB written to volume upload, timed from the first write until drained"
 uploaded_before=$(metric blockgate_volume_uploaded_bytes_total upload)
 started=$(now)
 nbdcopy --flush "$WORK/upload.data" "nbd+unix:///upload?socket=$GW_IO_DIR/nbd.sock"
 written=$(now)
 wait_drained upload
 finished=$(now)
-uploaded=$(($(metric blockgate_volume_uploaded_bytes_total upload) - uploaded_before))
-drain_seconds=$(elapsed "$started" "$finished")
-write_seconds=$(elapsed "$started" "$written")
+inline_uploaded=$(($(metric blockgate_volume_uploaded_bytes_total upload) - uploaded_before))
+inline_drain_seconds=$(elapsed "$started" "$finished")
+inline_write_seconds=$(elapsed "$started" "$written")
+stop_gateway
+
+# The figure: pure upload from a backlog. A gateway takes BENCH_UPLOAD_MIB while s3s-fs is
+# stopped, so nothing can be uploaded; it is killed with SIGKILL right after nbdcopy returns
+# (its write log stays on disk), s3s-fs comes back, and a new gateway process on the same data
+# directory and bucket replays the log and uploads it. Timed from its `ready` line until its
+# log is empty, by the helper (polls every 20 ms); bytes are what that process uploaded after
+# `ready`. The log capacity is raised so that the whole backlog fits without waiting.
+UP_FLAGS=(--log-capacity "$((UPLOAD_MIB * 2 + 64))MiB")
+log "(d) upload from a backlog: ${UPLOAD_MIB} MiB written while s3s-fs is stopped, gateway killed, restarted, timed until drained"
+start_gateway gw-up up --volume "upload=${UPLOAD_MIB}MiB" "${UP_FLAGS[@]}"
+stop_s3
+started=$(now)
+nbdcopy --flush "$WORK/upload.data" "nbd+unix:///upload?socket=$GATEWAY_DIR/nbd.sock"
+written=$(now)
+backlog_write_seconds=$(elapsed "$started" "$written")
+killed_uploaded=$(metric blockgate_volume_uploaded_bytes_total upload)
+killed_log_bytes=$(metric blockgate_volume_log_bytes upload)
+kill -KILL "$GATEWAY_PID"
+wait "$GATEWAY_PID" 2>/dev/null || true
+forget_pid "$GATEWAY_PID"
+mv "$WORK/gw-up.out" "$WORK/gw-up.killed.out"
+mv "$WORK/gw-up.log" "$WORK/gw-up.killed.log"
+settle
+start_s3
+segments_before=$( (find "$WORK/s3/$BUCKET/up/volumes/upload/segments" -type f 2>/dev/null || true) | wc -l)
+spawned=$(now)
+launch_gateway gw-up up "${UP_FLAGS[@]}"
+"${HELPER[@]}" drain-timer "$WORK/gw-up.out" "$METRICS_PORT" upload "$GATEWAY_PID" "$spawned" 900 \
+    >"$RAW/d-drain.json"
+stop_gateway
+drain() { "${HELPER[@]}" json "$RAW/d-drain.json" "$1"; }
+
+settle
 "$S3_BASELINE" --endpoint "$S3_ENDPOINT" --bucket "$BUCKET" --region "$AWS_REGION" \
     --access-key "$AWS_ACCESS_KEY_ID" --secret-key "$AWS_SECRET_ACCESS_KEY" \
     --total-mib "$UPLOAD_MIB" >"$RAW/s3-baseline.json"
-"${HELPER[@]}" row "$ROWS" row=d unit=MiB/s what="upload to S3 (${UPLOAD_MIB} MiB written, until the log is empty)" \
-    blockgate="$(calc "$UPLOAD_MIB / $drain_seconds")" \
-    baseline="$("${HELPER[@]}" json "$RAW/s3-baseline.json" put.mib_per_second | xargs printf '%.1f')" \
+# The read-ahead of 13df9b4 fetches 1 MiB ranges, 4 at once: the same GETs, as a second opinion
+# for row e (and a second PUT sample).
+settle
+"$S3_BASELINE" --endpoint "$S3_ENDPOINT" --bucket "$BUCKET" --region "$AWS_REGION" \
+    --access-key "$AWS_ACCESS_KEY_ID" --secret-key "$AWS_SECRET_ACCESS_KEY" \
+    --total-mib "$UPLOAD_MIB" --get-range-mib 1 >"$RAW/s3-baseline-1mib.json"
+s3_figure() { "${HELPER[@]}" json "$RAW/$1.json" "$2" | xargs printf '%.1f'; }
+"${HELPER[@]}" row "$ROWS" row=d unit=MiB/s \
+    what="upload to S3 from a backlog (${UPLOAD_MIB} MiB written while S3 was down; restarted gateway, from ready until the log is empty)" \
+    blockgate="$(drain mib_per_second | xargs printf '%.1f')" \
+    baseline="$(s3_figure s3-baseline put.mib_per_second)" \
     baseline_label="aws-sdk-s3 PUT, 8 MiB objects, 4 at once" \
-    notes="drained in ${drain_seconds} s (nbdcopy finished writing at ${write_seconds} s); $(calc "$uploaded / 1048576") MiB of segments uploaded" \
-    command="nbdcopy --flush upload.data \$URI, then poll blockgate_volume_log_bytes until 0" \
+    second="$(calc "$UPLOAD_MIB / $inline_drain_seconds")" \
+    second_label="blockgate, earlier method: from the first write until drained, S3 up" \
+    notes="before the kill: $(calc "$killed_uploaded / 1048576") MiB uploaded, $segments_before segment objects in the bucket, $(calc "$killed_log_bytes / 1048576") MiB in the log (nbdcopy took ${backlog_write_seconds} s with s3s-fs down); restarted gateway: ready $(drain replay_seconds) s after start (log replay), $(calc "$(drain uploaded_at_ready) / 1048576") MiB uploaded before ready (not counted), then $(calc "$(drain uploaded_bytes) / 1048576") MiB in $(drain segments) segments in $(drain drain_seconds) s; from process start: $(calc "$(drain uploaded_at_drained) / 1048576 / $(drain start_to_drained_seconds)") MiB/s; earlier method: drained in ${inline_drain_seconds} s, nbdcopy done at ${inline_write_seconds} s, $(calc "$inline_uploaded / 1048576") MiB uploaded; second PUT sample $(s3_figure s3-baseline-1mib put.mib_per_second) MiB/s" \
+    command="stop s3s-fs; nbdcopy --flush upload.data \$URI; kill -9 the gateway; start s3s-fs; start the gateway on the same data dir; time from its ready line until blockgate_volume_log_bytes is 0 (bench_helper.py drain-timer)" \
     command="\$CARGO_TARGET_DIR/release/s3-baseline --endpoint http://127.0.0.1:PORT --bucket $BUCKET --region $AWS_REGION --access-key K --secret-key S --total-mib $UPLOAD_MIB"
 
 # --- (e) cold read from S3 --------------------------------------------------------------------
 log "(e) cold read: a gateway with a fresh data directory reads volume upload from S3"
-stop_gateway
+settle
 start_gateway gw-cold io
 started=$(now)
 nbdcopy "nbd+unix:///upload?socket=$GATEWAY_DIR/nbd.sock" /dev/null
@@ -299,10 +388,13 @@ finished=$(now)
 cold_seconds=$(elapsed "$started" "$finished")
 "${HELPER[@]}" row "$ROWS" row=e unit=MiB/s what="cold sequential read from S3 (${UPLOAD_MIB} MiB)" \
     blockgate="$(calc "$UPLOAD_MIB / $cold_seconds")" \
-    baseline="$("${HELPER[@]}" json "$RAW/s3-baseline.json" get.mib_per_second | xargs printf '%.1f')" \
+    baseline="$(s3_figure s3-baseline get.mib_per_second)" \
     baseline_label="aws-sdk-s3 ranged GET, 4 MiB ranges, 4 at once" \
-    notes="fresh data directory on the same bucket: empty cache, every byte from s3s-fs; ${cold_seconds} s" \
-    command="nbdcopy \$URI /dev/null"
+    second="$(s3_figure s3-baseline-1mib get.mib_per_second)" \
+    second_label="aws-sdk-s3 ranged GET, 1 MiB ranges (the read-ahead's), 4 at once" \
+    notes="fresh data directory on the same bucket: empty cache, every byte from s3s-fs; ${cold_seconds} s; cache lookups (reads and read-ahead): $(metric blockgate_volume_cache_hits_total upload) hits, $(metric blockgate_volume_cache_misses_total upload) misses" \
+    command="nbdcopy \$URI /dev/null" \
+    command="\$CARGO_TARGET_DIR/release/s3-baseline ... --total-mib $UPLOAD_MIB --get-range-mib 1"
 stop_gateway
 
 # --- (f), (g) a 1 TiB volume after scattered writes ---------------------------------------------
@@ -371,7 +463,7 @@ HEADER=$RAW/header.md
     echo "- machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), disk: $(df -h --output=source,fstype "$WORK" | tail -n1 | xargs) (work dir $WORK)"
     echo "- load average (1, 5, 15 min) at the start: $LOAD_AT_START; at the end: $(cut -d' ' -f1-3 /proc/loadavg) (the machine is shared; compare rows, not runs)"
     echo "- servers: s3s-fs $(s3s-fs --version 2>/dev/null | awk '{print $2}'), $(qemu-nbd --version | head -n1), $(fio --version)"
-    echo "- gateway: release build, defaults except --seal-interval-ms 200 and --cache-capacity $((REGION_MIB * 2))MiB; store s3s-fs on the same disk"
+    echo "- gateway: release build, defaults except --seal-interval-ms 200, --gc-interval-seconds 0, --cache-capacity $((REGION_MIB * 2))MiB (row a-c gateway) and --log-capacity $((UPLOAD_MIB * 2 + 64))MiB (row d gateway); store s3s-fs on the same disk"
 }>"$HEADER"
 "${HELPER[@]}" render "$ROWS" "$HEADER" | tee "$OUT/results.md"
 echo >&2

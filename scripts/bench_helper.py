@@ -6,6 +6,10 @@ Subcommands:
   metric PORT NAME [VOLUME]              one Prometheus sample from a gateway's /metrics
   fio FILE (iops|mibps|ios|syncs) DIR    a figure from fio's JSON output (DIR: read|write)
   json FILE PATH                         a value from a JSON file, PATH like get.mib_per_second
+  drain-timer OUT PORT VOLUME PID SPAWNED TIMEOUT
+                                         times a (re)started gateway's upload of its backlog:
+                                         waits for `ready` in its stdout file OUT, then polls
+                                         /metrics until VOLUME's log is empty; JSON on stdout
   row ROWS.jsonl KEY=VALUE...            append one result row
   render ROWS.jsonl HEADER.md            print the results as markdown
 """
@@ -23,18 +27,109 @@ def free_port():
         print(s.getsockname()[1])
 
 
-def metric(port, name, volume=None):
+def scrape(port):
+    """All samples of a gateway's /metrics, as {'name{labels}': 'value'}."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         text = response.read().decode()
-    wanted = f'{name}{{volume="{volume}"}}' if volume else name
+    samples = {}
     for line in text.splitlines():
         if line.startswith("#"):
             continue
         key, _, value = line.rpartition(" ")
-        if key == wanted:
-            print(value)
-            return
-    sys.exit(f"metric {wanted} not found")
+        samples[key] = value
+    return samples
+
+
+def sample(samples, name, volume=None):
+    wanted = f'{name}{{volume="{volume}"}}' if volume else name
+    if wanted not in samples:
+        sys.exit(f"metric {wanted} not found")
+    return samples[wanted]
+
+
+def metric(port, name, volume=None):
+    print(sample(scrape(port), name, volume))
+
+
+def drain_timer(out_path, port, volume, pid, spawned, timeout):
+    """Row d: from the gateway's `ready` line until VOLUME's write log is empty.
+
+    `ready` is polled every 5 ms, the metrics every 20 ms, so the drain time is exact to a few
+    tens of milliseconds (the shell's own polling costs ~0.2 s per step). The uploader starts
+    while the volume opens, before `ready`, so the bytes uploaded by then are reported apart and
+    not counted in the throughput.
+    """
+    import os
+    import time
+
+    pid, spawned, timeout = int(pid), float(spawned), float(timeout)
+    deadline = time.time() + timeout
+
+    def alive():
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+
+    def check():
+        if time.time() > deadline:
+            sys.exit(f"drain-timer: timed out after {timeout:.0f} s")
+        if not alive():
+            sys.exit(f"drain-timer: gateway {pid} exited (see {out_path} and its log)")
+
+    while True:
+        try:
+            with open(out_path) as f:
+                if any(line.startswith("ready") for line in f):
+                    break
+        except FileNotFoundError:
+            pass
+        check()
+        time.sleep(0.005)
+    ready_at = time.time()
+    at_ready = scrape(port)
+    polls = 0
+    while True:
+        now = time.time()
+        samples = scrape(port)
+        polls += 1
+        if (
+            sample(samples, "blockgate_volume_log_bytes", volume) == "0"
+            and sample(samples, "blockgate_volume_upload_backlog_segments", volume) == "0"
+        ):
+            drained_at = now
+            break
+        check()
+        time.sleep(0.02)
+
+    def value(samples, name):
+        return int(float(sample(samples, name, volume)))
+
+    uploaded_at_ready = value(at_ready, "blockgate_volume_uploaded_bytes_total")
+    uploaded_at_drained = value(samples, "blockgate_volume_uploaded_bytes_total")
+    segments_at_ready = value(at_ready, "blockgate_volume_segments_uploaded_total")
+    segments_at_drained = value(samples, "blockgate_volume_segments_uploaded_total")
+    drain_seconds = drained_at - ready_at
+    uploaded = uploaded_at_drained - uploaded_at_ready
+    print(
+        json.dumps(
+            {
+                "replay_seconds": round(ready_at - spawned, 3),
+                "drain_seconds": round(drain_seconds, 3),
+                "start_to_drained_seconds": round(drained_at - spawned, 3),
+                "log_bytes_at_ready": value(at_ready, "blockgate_volume_log_bytes"),
+                "uploaded_at_ready": uploaded_at_ready,
+                "uploaded_at_drained": uploaded_at_drained,
+                "uploaded_bytes": uploaded,
+                "segments_at_ready": segments_at_ready,
+                "segments": segments_at_drained - segments_at_ready,
+                "mib_per_second": uploaded / 2**20 / drain_seconds,
+                "metric_polls": polls,
+            },
+            indent=2,
+        )
+    )
 
 
 def load_json(path):
@@ -131,6 +226,8 @@ def main(argv):
         fio(*args)
     elif command == "json":
         json_value(*args)
+    elif command == "drain-timer":
+        drain_timer(*args)
     elif command == "row":
         row(args[0], args[1:])
     elif command == "render":
