@@ -18,6 +18,11 @@ struct Slot {
     key: Option<(Arc<str>, u64)>,
     valid: u64,
     referenced: bool,
+    /// Bumped whenever the slot is given to another chunk or dropped, so a reader that
+    /// copied bytes out without the lock can tell they still belonged to its chunk.
+    generation: u64,
+    /// Being written by an insert: not handed to another.
+    busy: bool,
 }
 
 #[derive(Debug, Default)]
@@ -102,11 +107,18 @@ impl ChunkCache {
                     return false;
                 }
                 index.slots[slot].referenced = true;
-                plan.push((slot, at - chunk_start, at - start, take_end - at));
+                let generation = index.slots[slot].generation;
+                plan.push((
+                    slot,
+                    generation,
+                    at - chunk_start,
+                    at - start,
+                    take_end - at,
+                ));
                 at = take_end;
             }
         }
-        for (slot, within, out_at, length) in plan {
+        for &(slot, _, within, out_at, length) in &plan {
             let out_at = usize::try_from(out_at).unwrap_or(0);
             let length = usize::try_from(length).unwrap_or(0);
             let position = slot as u64 * CHUNK_SIZE + within;
@@ -118,6 +130,20 @@ impl ChunkCache {
                 return false;
             }
         }
+        // A slot evicted and refilled while we read holds another chunk's bytes, which may
+        // even pass the frame checksum: count it a miss.
+        let Ok(index) = self.index.lock() else {
+            return false;
+        };
+        if plan
+            .iter()
+            .any(|&(slot, generation, ..)| index.slots[slot].generation != generation)
+        {
+            drop(index);
+            self.count(|s| s.misses += 1);
+            return false;
+        }
+        drop(index);
         self.count(|s| s.hits += 1);
         true
     }
@@ -134,30 +160,40 @@ impl ChunkCache {
                 let Ok(mut index) = self.index.lock() else {
                     return;
                 };
-                let slot = match index.by_chunk.get(&(key.clone(), chunk)) {
-                    Some(&slot) if index.slots[slot].valid >= piece.len() as u64 => continue,
-                    Some(&slot) => slot,
-                    None => self.take_slot(&mut index),
+                let existing = index.by_chunk.get(&(key.clone(), chunk)).copied();
+                let slot = match existing {
+                    Some(slot) if index.slots[slot].valid >= piece.len() as u64 => continue,
+                    Some(slot) if index.slots[slot].busy => continue,
+                    Some(slot) => slot,
+                    None => match self.take_slot(&mut index) {
+                        Some(slot) => slot,
+                        // Every slot is being written by someone: skip caching this piece.
+                        None => continue,
+                    },
                 };
-                // Unindexed while being written, so no reader sees half a chunk.
-                index.slots[slot].key = None;
+                // Unindexed and busy while being written, so no reader sees half a chunk and
+                // no other insert writes the same slot.
                 index.by_chunk.remove(&(key.clone(), chunk));
+                let entry = &mut index.slots[slot];
+                entry.key = None;
+                entry.valid = 0;
+                entry.busy = true;
+                entry.generation += 1;
                 slot
             };
-            if self
+            let written = self
                 .file
                 .write_all_at(piece, slot as u64 * CHUNK_SIZE)
-                .is_err()
-            {
-                continue;
-            }
+                .is_ok();
             if let Ok(mut index) = self.index.lock() {
-                index.slots[slot] = Slot {
-                    key: Some((key.clone(), chunk)),
-                    valid: piece.len() as u64,
-                    referenced: false,
-                };
-                index.by_chunk.insert((key.clone(), chunk), slot);
+                let entry = &mut index.slots[slot];
+                entry.busy = false;
+                if written {
+                    entry.key = Some((key.clone(), chunk));
+                    entry.valid = piece.len() as u64;
+                    entry.referenced = false;
+                    index.by_chunk.insert((key.clone(), chunk), slot);
+                }
             }
         }
         let used = self
@@ -173,36 +209,47 @@ impl ChunkCache {
         if let Ok(mut index) = self.index.lock() {
             for chunk in start / CHUNK_SIZE..end.div_ceil(CHUNK_SIZE) {
                 if let Some(slot) = index.by_chunk.remove(&(key.clone(), chunk)) {
-                    index.slots[slot].key = None;
-                    index.slots[slot].valid = 0;
+                    let entry = &mut index.slots[slot];
+                    entry.key = None;
+                    entry.valid = 0;
+                    entry.generation += 1;
                 }
             }
         }
     }
 
-    fn take_slot(&self, index: &mut Index) -> usize {
+    /// A free slot, or the next one the CLOCK hand evicts; `None` when every slot is busy.
+    fn take_slot(&self, index: &mut Index) -> Option<usize> {
         if index.slots.len() < self.capacity_slots {
             index.slots.push(Slot {
                 key: None,
                 valid: 0,
                 referenced: false,
+                generation: 0,
+                busy: false,
             });
-            return index.slots.len() - 1;
+            return Some(index.slots.len() - 1);
         }
-        loop {
+        // Two passes: the first may only clear reference bits.
+        for _ in 0..2 * index.slots.len() {
             let hand = index.hand;
             index.hand = (hand + 1) % index.slots.len();
             let slot = &mut index.slots[hand];
+            if slot.busy {
+                continue;
+            }
             if slot.referenced {
                 slot.referenced = false;
                 continue;
             }
             if let Some(old) = slot.key.take() {
+                slot.generation += 1;
                 index.by_chunk.remove(&old);
                 self.count(|s| s.evictions += 1);
             }
-            return hand;
+            return Some(hand);
         }
+        None
     }
 }
 

@@ -98,6 +98,10 @@ pub struct LogFile {
     /// writers wait (sealing), so the directory fsync is left to the file's first sync: a
     /// flush or the upload, which is when the file's contents must survive a crash anyway.
     directory_unsynced: AtomicBool,
+    /// An fdatasync failed. Linux may drop the failed pages and report the next fdatasync as
+    /// a success, so a failure is final: every later sync fails too, and the volume stops
+    /// acknowledging flushes until a restart replays what truly reached the disk.
+    sync_failed: AtomicBool,
 }
 
 impl LogFile {
@@ -136,6 +140,7 @@ impl LogFile {
             dirty: AtomicBool::new(false),
             syncing: Mutex::new(()),
             directory_unsynced: AtomicBool::new(true),
+            sync_failed: AtomicBool::new(false),
         })
     }
 
@@ -149,6 +154,7 @@ impl LogFile {
             syncing: Mutex::new(()),
             // Found after a restart: its entry may not have been made durable before.
             directory_unsynced: AtomicBool::new(true),
+            sync_failed: AtomicBool::new(false),
         })
     }
 
@@ -166,10 +172,16 @@ impl LogFile {
     pub fn sync(&self) -> io::Result<()> {
         // Nothing is ever left half-done under this lock, so a poisoned one is still good.
         let _turn = self.syncing.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.sync_failed.load(Ordering::Acquire) {
+            return Err(io::Error::other(
+                "an earlier fdatasync of this write-log file failed; restart to replay what reached the disk",
+            ));
+        }
         if self.dirty.swap(false, Ordering::AcqRel)
             && let Err(error) = self.file.sync_data()
         {
             self.dirty.store(true, Ordering::Release);
+            self.sync_failed.store(true, Ordering::Release);
             return Err(error);
         }
         if self.directory_unsynced.swap(false, Ordering::AcqRel) {

@@ -120,6 +120,8 @@ struct State {
     hydrated: Option<ExtentMap<()>>,
     last_upload_error: Option<String>,
     checkpoint_uploading: bool,
+    /// Snapshots whose manifest is being written.
+    manifests_in_flight: std::collections::HashSet<String>,
 }
 
 /// Counters exported as metrics.
@@ -402,6 +404,7 @@ impl Volume {
                 hydrated,
                 last_upload_error: None,
                 checkpoint_uploading: false,
+                manifests_in_flight: std::collections::HashSet::new(),
             }),
             sync_lock: tokio::sync::Mutex::new(()),
             synced: AtomicU64::new(0),
@@ -975,7 +978,7 @@ impl Volume {
         let ready: Vec<PendingSnapshot> = st
             .pending_snapshots
             .iter()
-            .filter(|p| p.point_seq <= applied)
+            .filter(|p| p.point_seq <= applied && !st.manifests_in_flight.contains(&p.id))
             .cloned()
             .collect();
         for pending in ready {
@@ -1015,9 +1018,9 @@ impl Volume {
                 created_unix: pending.created_unix,
                 internal: pending.internal,
             };
-            // Checkpoints wait until the manifest is in the bucket so that the names it
-            // lists stay the newest chain.
-            st.checkpoint_uploading = true;
+            // One writer per manifest. Checkpoints wait while the snapshot is pending (see
+            // `apply_uploaded`), so the names the manifest lists stay the newest chain.
+            st.manifests_in_flight.insert(pending.id.clone());
             let store = self.store.clone();
             let volume_id = self.id.clone();
             let max_delay = self.config.max_retry_delay;
@@ -1062,7 +1065,7 @@ impl Volume {
                 if let Some(volume) = volume.upgrade() {
                     if let Ok(mut st) = volume.lock() {
                         st.pending_snapshots.retain(|p| p.id != manifest.id);
-                        st.checkpoint_uploading = false;
+                        st.manifests_in_flight.remove(&manifest.id);
                         if let Err(error) = volume.save_local_state(&st) {
                             tracing::warn!(volume = %volume.id, %error, "could not save local state");
                         }
@@ -1277,19 +1280,32 @@ impl Volume {
                 let Ok(mut st) = self.lock() else { return };
                 // Wrap around before declaring the copy whole: a range behind the cursor can
                 // lose its local bytes again (a failed local write).
-                let found = find_unhydrated(&st, cursor).or_else(|| find_unhydrated(&st, 0));
-                if found.is_none() {
+                let (found, waiting_for_log) = match find_unhydrated(&st, cursor) {
+                    (None, waiting) => {
+                        let (found, again) = find_unhydrated(&st, 0);
+                        (found, waiting || again)
+                    }
+                    found => found,
+                };
+                if found.is_none() && waiting_for_log {
+                    // Only ranges whose newest bytes are still in the log are left: they
+                    // can be copied once their segment is in the bucket.
+                    None
+                } else if found.is_none() {
                     st.hydrated = None;
                     if let Err(error) = self.save_local_state(&st) {
                         tracing::warn!(volume = %self.id, %error, "could not save local state");
                     }
                     tracing::info!(volume = %self.id, "local copy hydrated");
                     return;
+                } else {
+                    found
                 }
-                found
             };
             let Some((offset, length, key, location)) = next else {
-                return;
+                tokio::time::sleep(self.config.seal_interval.max(Duration::from_millis(100))).await;
+                cursor = 0;
+                continue;
             };
             let mut data = vec![0u8; usize::try_from(length).unwrap_or(0)];
             if let Err(error) =
@@ -1307,12 +1323,22 @@ impl Volume {
             delay = Duration::from_millis(100);
             if let (Ok(mut st), Some(copy)) = (self.lock(), &self.local_copy) {
                 let Some(hydrated) = &st.hydrated else { return };
-                let holes: Vec<(u64, u64)> = hydrated
-                    .pieces(offset, length)
-                    .into_iter()
-                    .filter(|p| p.value.is_none())
-                    .map(|p| (p.offset, p.length))
-                    .collect();
+                // Copy only what is still missing, still not newer in the log, and still where
+                // the bytes were fetched from; anything else is left for a later pass.
+                let fetched_from = st.remote.map.pieces(offset, length);
+                let unchanged = fetched_from.len() == 1 && fetched_from[0].value == Some(location);
+                let holes: Vec<(u64, u64)> = if unchanged {
+                    hydrated
+                        .pieces(offset, length)
+                        .into_iter()
+                        .filter(|p| p.value.is_none())
+                        .flat_map(|p| st.overlay.pieces(p.offset, p.length))
+                        .filter(|p| p.value.is_none())
+                        .map(|p| (p.offset, p.length))
+                        .collect()
+                } else {
+                    Vec::new()
+                };
                 for (hole, hole_length) in holes {
                     let from = usize::try_from(hole - offset).unwrap_or(0);
                     let to = from + usize::try_from(hole_length).unwrap_or(0);
@@ -1404,21 +1430,36 @@ struct Uploaded {
     file: Arc<LogFile>,
 }
 
-/// The first not yet hydrated range (at most 1 MiB) of the bucket map at or after `cursor`.
-fn find_unhydrated(st: &State, mut cursor: u64) -> Option<(u64, u64, Arc<str>, RunLocation)> {
-    let hydrated = st.hydrated.as_ref()?;
+/// A range to copy into the local copy: offset, length, segment key, and where in it.
+type HydrationRange = (u64, u64, Arc<str>, RunLocation);
+
+/// The first range (at most 1 MiB) at or after `cursor` that the bucket map holds, the local
+/// copy lacks, and the log does not hold newer; and whether some missing range was passed
+/// over because the log holds it.
+fn find_unhydrated(st: &State, mut cursor: u64) -> (Option<HydrationRange>, bool) {
+    let Some(hydrated) = st.hydrated.as_ref() else {
+        return (None, false);
+    };
+    let mut waiting_for_log = false;
     while let Some((start, length, location)) = st.remote.map.next_from(cursor) {
         for piece in hydrated.pieces(start, length) {
-            if piece.value.is_none() {
-                let take = piece.length.min(1 << 20);
-                let location = location.advance(piece.offset - start);
+            if piece.value.is_some() {
+                continue;
+            }
+            for part in st.overlay.pieces(piece.offset, piece.length) {
+                if part.value.is_some() {
+                    waiting_for_log = true;
+                    continue;
+                }
+                let take = part.length.min(1 << 20);
+                let location = location.advance(part.offset - start);
                 let key = st.remote.segment_keys[location.segment as usize].clone();
-                return Some((piece.offset, take, key, location));
+                return (Some((part.offset, take, key, location)), waiting_for_log);
             }
         }
         cursor = start + length;
     }
-    None
+    (None, waiting_for_log)
 }
 
 /// Builds a segment from the first `length` bytes of a log file: the net effect of its
