@@ -69,17 +69,28 @@ impl Record {
 /// Encodes a record: header followed by `data` (empty for zero and resize records).
 pub fn encode_record(kind: RecordKind, offset: u64, length: u32, seq: u64, data: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(32 + data.len());
-    out.extend_from_slice(&RECORD_MAGIC.to_le_bytes());
-    out.push(kind as u8);
-    out.extend_from_slice(&[0u8; 3]);
-    out.extend_from_slice(&offset.to_le_bytes());
-    out.extend_from_slice(&length.to_le_bytes());
-    out.extend_from_slice(&seq.to_le_bytes());
-    let mut crc = crc32c::crc32c(&out[..28]);
-    crc = crc32c::crc32c_append(crc, data);
-    out.extend_from_slice(&crc.to_le_bytes());
+    out.extend_from_slice(&encode_header(kind, offset, length, seq, data));
     out.extend_from_slice(data);
     out
+}
+
+/// The 32-byte header of a record whose data is `data` (written right after it).
+pub fn encode_header(
+    kind: RecordKind,
+    offset: u64,
+    length: u32,
+    seq: u64,
+    data: &[u8],
+) -> [u8; 32] {
+    let mut header = [0u8; 32];
+    header[0..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
+    header[4] = kind as u8;
+    header[8..16].copy_from_slice(&offset.to_le_bytes());
+    header[16..20].copy_from_slice(&length.to_le_bytes());
+    header[20..28].copy_from_slice(&seq.to_le_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&header[..28]), data);
+    header[28..32].copy_from_slice(&crc.to_le_bytes());
+    header
 }
 
 /// One file of the write log.

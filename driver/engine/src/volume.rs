@@ -35,6 +35,9 @@ use crate::log::{self, HEADER_LEN, LogFile, RecordKind};
 use crate::remote::{self, RemoteState};
 use crate::unix_now;
 
+/// Records with at least this much data are written as header and data, without a copy.
+const LARGE_RECORD: usize = 64 * 1024;
+
 /// Read-ahead fetches in pieces of this size, this many at once.
 const PREFETCH_PIECE: u64 = 1 << 20;
 const PREFETCH_CONCURRENCY: usize = 4;
@@ -567,12 +570,20 @@ impl Volume {
         length: u32,
         data: &[u8],
     ) -> Result<(), EngineError> {
-        let record = log::encode_record(kind, offset, length, st.next_record_seq, data);
         let position = st.current_length;
-        st.current
-            .write_at(&record, position)
-            .map_err(|e| EngineError::log_io(&self.id, st.current.path.clone(), e))?;
-        let stored = record.len() as u64;
+        let written = if data.len() < LARGE_RECORD {
+            let record = log::encode_record(kind, offset, length, st.next_record_seq, data);
+            st.current.write_at(&record, position)
+        } else {
+            // Large payloads go straight from the request buffer, not through a copy made
+            // while every other request of the volume waits on this lock.
+            let header = log::encode_header(kind, offset, length, st.next_record_seq, data);
+            st.current
+                .write_at(&header, position)
+                .and_then(|()| st.current.write_at(data, position + HEADER_LEN))
+        };
+        written.map_err(|e| EngineError::log_io(&self.id, st.current.path.clone(), e))?;
+        let stored = HEADER_LEN + data.len() as u64;
         st.next_record_seq += 1;
         st.current_length += stored;
         st.log_bytes += stored;
