@@ -97,3 +97,15 @@ impl EngineError {
         EngineError::Store { operation, source }
     }
 }
+
+/// The causes of an error, outermost first, joined by `: ` (the store's and the SDK's useful
+/// details are in the causes; logs and clients need them).
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut parts = Vec::new();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        parts.push(cause.to_string());
+        source = cause.source();
+    }
+    parts.join(": ")
+}

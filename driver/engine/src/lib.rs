@@ -32,7 +32,7 @@ mod remote;
 mod volume;
 
 pub use config::EngineConfig;
-pub use error::EngineError;
+pub use error::{EngineError, error_chain};
 pub use volume::{Volume, VolumeCounters, VolumeStatus};
 
 use remote::RemoteState;
@@ -859,7 +859,6 @@ pub async fn list_volume_ids(store: &dyn ObjectStore) -> Result<Vec<String>, Eng
         };
         ids.push(id.to_string());
         after = Some(keys::after_volume(id));
-        let _ = &page.next;
     }
     Ok(ids)
 }

@@ -29,7 +29,7 @@ use tokio::sync::Notify;
 
 use crate::cache::ChunkCache;
 use crate::config::EngineConfig;
-use crate::error::EngineError;
+use crate::error::{EngineError, error_chain};
 use crate::extent_map::{Advance, ExtentMap};
 use crate::log::{self, HEADER_LEN, LogFile, RecordKind};
 use crate::remote::{self, RemoteState};
@@ -111,11 +111,10 @@ struct State {
     current_length: u64,
     current_since: Option<Instant>,
     sealed: VecDeque<Sealed>,
-    /// Every log file not yet deleted, with its length.
-    files: BTreeMap<u64, (Arc<LogFile>, u64)>,
+    /// Every log file not yet deleted.
+    files: BTreeMap<u64, Arc<LogFile>>,
     log_bytes: u64,
     next_record_seq: u64,
-    written: u64,
     pending_snapshots: Vec<PendingSnapshot>,
     last_snapshot: Option<String>,
     /// Ranges of the local copy that hold the volume's bytes (`stored` mode; `None` once the
@@ -356,7 +355,7 @@ impl Volume {
                 }
             }
             log_bytes += end;
-            files.insert(seq, (file.clone(), end));
+            files.insert(seq, file.clone());
             current = Some((file, end));
         }
         let (current, current_length) = match current {
@@ -366,7 +365,7 @@ impl Volume {
                 let file = LogFile::create(&log_dir, seq, config.segment_target + (1 << 20))
                     .map_err(|e| EngineError::log_io(&id, log_dir.clone(), e))?;
                 let file = Arc::new(file);
-                files.insert(seq, (file.clone(), 0));
+                files.insert(seq, file.clone());
                 (file, 0)
             }
         };
@@ -401,7 +400,6 @@ impl Volume {
                 files,
                 log_bytes,
                 next_record_seq,
-                written: 0,
                 pending_snapshots: local.pending_snapshots,
                 last_snapshot: local.last_snapshot,
                 hydrated,
@@ -410,7 +408,8 @@ impl Volume {
                 manifests_in_flight: std::collections::HashSet::new(),
             }),
             sync_lock: tokio::sync::Mutex::new(()),
-            synced: AtomicU64::new(0),
+            // Everything replayed is synced below, before the volume is handed out.
+            synced: AtomicU64::new(next_record_seq),
             space_freed: Notify::new(),
             work: Notify::new(),
             snapshot_ready: Notify::new(),
@@ -587,12 +586,8 @@ impl Volume {
         st.next_record_seq += 1;
         st.current_length += stored;
         st.log_bytes += stored;
-        st.written += 1;
         st.current_since.get_or_insert_with(Instant::now);
         let seq = st.current.seq;
-        if let Some(entry) = st.files.get_mut(&seq) {
-            entry.1 = st.current_length;
-        }
         let range = u64::from(length);
         match kind {
             RecordKind::Write => {
@@ -670,7 +665,7 @@ impl Volume {
         let file = LogFile::create(&self.log_dir, seq, self.config.segment_target + (1 << 20))
             .map_err(|e| EngineError::log_io(&self.id, self.log_dir.clone(), e))?;
         let file = Arc::new(file);
-        st.files.insert(seq, (file.clone(), 0));
+        st.files.insert(seq, file.clone());
         let previous = std::mem::replace(&mut st.current, file);
         let sealed_seq = previous.seq;
         st.sealed.push_back(Sealed {
@@ -688,7 +683,8 @@ impl Volume {
     /// one fdatasync).
     pub async fn flush(&self) -> Result<(), EngineError> {
         self.counters.flushes.fetch_add(1, Ordering::Relaxed);
-        let target = self.lock()?.written;
+        // Records are numbered in log order, so the next number says how much to cover.
+        let target = self.lock()?.next_record_seq;
         if self.synced.load(Ordering::Acquire) >= target {
             return Ok(());
         }
@@ -700,8 +696,8 @@ impl Volume {
             let st = self.lock()?;
             // Every file, clean or not: one the uploader is syncing right now looks clean,
             // and its sync waits for that one to finish.
-            let files: Vec<Arc<LogFile>> = st.files.values().map(|(f, _)| f.clone()).collect();
-            (files, st.written)
+            let files: Vec<Arc<LogFile>> = st.files.values().cloned().collect();
+            (files, st.next_record_seq)
         };
         let volume = self.id.clone();
         tokio::task::spawn_blocking(move || {
@@ -721,7 +717,7 @@ impl Volume {
 
     fn sync_all_files(&self) -> Result<(), EngineError> {
         let st = self.lock()?;
-        for (file, _) in st.files.values() {
+        for file in st.files.values() {
             file.sync()
                 .map_err(|e| EngineError::log_io(&self.id, file.path.clone(), e))?;
         }
@@ -1632,14 +1628,4 @@ where
             }
         }
     }
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut parts = Vec::new();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        parts.push(cause.to_string());
-        source = cause.source();
-    }
-    parts.join(": ")
 }

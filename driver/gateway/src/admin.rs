@@ -198,7 +198,7 @@ async fn serve_connection(stream: UnixStream, engine: &Engine) -> std::io::Resul
                 match handle(engine, request).await {
                     Ok(value) => Response::Ok(value),
                     Err(error) => {
-                        tracing::warn!(%error, cause = %crate::exports::error_chain(&error), "admin request failed");
+                        tracing::warn!(%error, cause = %blockgate_engine::error_chain(&error), "admin request failed");
                         Response::Error {
                             kind: error_kind(&error).to_string(),
                             message: format!("{error}{}", cause_suffix(&error)),
@@ -219,7 +219,7 @@ async fn serve_connection(stream: UnixStream, engine: &Engine) -> std::io::Resul
 }
 
 fn cause_suffix(error: &EngineError) -> String {
-    let chain = crate::exports::error_chain(error);
+    let chain = blockgate_engine::error_chain(error);
     if chain.is_empty() {
         String::new()
     } else {

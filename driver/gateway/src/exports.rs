@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use blockgate_engine::{Engine, EngineError, Volume};
+use blockgate_engine::{Engine, EngineError, Volume, error_chain};
 use blockgate_nbd::{BlockDevice, ExportInfo, Exports, IoError};
 use bytes::Bytes;
 
@@ -74,16 +74,6 @@ fn to_nbd(volume: &str, error: EngineError) -> IoError {
         EngineError::Closed { .. } => IoError::ShuttingDown,
         other => IoError::Io(format!("{other}: {}", error_chain(&other))),
     }
-}
-
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut parts = Vec::new();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        parts.push(cause.to_string());
-        source = cause.source();
-    }
-    parts.join(": ")
 }
 
 #[async_trait]

@@ -647,7 +647,7 @@ fn spawn_session<S>(
             counters
                 .nbd_session_errors_total
                 .fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%error, cause = %exports::error_chain(&error), "nbd session ended with an error");
+            tracing::warn!(%error, cause = %blockgate_engine::error_chain(&error), "nbd session ended with an error");
         }
         counters
             .nbd_connections_active
