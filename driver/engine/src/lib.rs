@@ -24,6 +24,7 @@ use blockgate_objstore::{ObjectStore, ObjectStoreError};
 use serde::Serialize;
 
 mod cache;
+pub mod catalog;
 mod config;
 mod error;
 pub mod extent_map;

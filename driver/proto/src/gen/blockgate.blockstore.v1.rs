@@ -112,11 +112,14 @@ pub struct Attachment {
     pub volume_id: ::prost::alloc::string::String,
     #[prost(string, tag = "2")]
     pub node_id: ::prost::alloc::string::String,
-    /// The writer epoch: every object the writer uploads carries it.
+    /// The writer epoch: every object the writer uploads carries it. Zero for a reader.
     #[prost(uint64, tag = "3")]
     pub epoch: u64,
     #[prost(uint64, tag = "4")]
     pub attached_unix: u64,
+    /// A reader: it never writes, takes no epoch, and any number of nodes may read.
+    #[prost(bool, tag = "5")]
+    pub readonly: bool,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct AttachVolumeRequest {
@@ -127,6 +130,9 @@ pub struct AttachVolumeRequest {
     /// Take the volume over from the node that holds it (its node is gone).
     #[prost(bool, tag = "3")]
     pub force: bool,
+    /// Attach as a reader (see Attachment.readonly).
+    #[prost(bool, tag = "4")]
+    pub readonly: bool,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct DetachVolumeRequest {
@@ -637,7 +643,8 @@ pub mod block_store_client {
         }
         /// Attaches a volume to a node's gateway as its one writer and hands out a new writer
         /// epoch. Idempotent for the node that holds it; refused for another node unless `force`
-        /// (which fences the old writer off).
+        /// (which fences the old writer off). Readers (`readonly`) take no epoch; any number of
+        /// nodes may read, but not while a writer is attached.
         pub async fn attach_volume(
             &mut self,
             request: impl tonic::IntoRequest<super::AttachVolumeRequest>,
@@ -877,7 +884,8 @@ pub mod block_store_server {
         >;
         /// Attaches a volume to a node's gateway as its one writer and hands out a new writer
         /// epoch. Idempotent for the node that holds it; refused for another node unless `force`
-        /// (which fences the old writer off).
+        /// (which fences the old writer off). Readers (`readonly`) take no epoch; any number of
+        /// nodes may read, but not while a writer is attached.
         async fn attach_volume(
             &self,
             request: tonic::Request<super::AttachVolumeRequest>,
