@@ -97,6 +97,49 @@ pub struct SnapshotManifest {
     pub internal: bool,
 }
 
+/// `volumes/<id>/attachments/<epoch>.json`: a gateway (node) became the volume's writer with
+/// this epoch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachmentRecord {
+    pub format: u32,
+    pub volume: String,
+    pub node: String,
+    pub epoch: u64,
+    pub attached_unix: u64,
+}
+
+/// `volumes/<id>/attachments/<epoch>.detached.json`: that writer attachment ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DetachmentRecord {
+    pub format: u32,
+    pub detached_unix: u64,
+    /// Ended by a forced attach of another node (the writer was fenced), not by a detach.
+    #[serde(default)]
+    pub fenced: bool,
+}
+
+/// `volumes/<id>/readers/<node>.json`: a read-only attachment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReaderRecord {
+    pub format: u32,
+    pub volume: String,
+    pub node: String,
+    pub attached_unix: u64,
+}
+
+/// `imports/<snapshot-id>.json`: an import in progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportRecord {
+    pub format: u32,
+    pub snapshot: String,
+    pub volume_size: u64,
+    pub block_size: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    pub started_unix: u64,
+    pub expires_unix: u64,
+}
+
 /// A [`Name`] as it appears in JSON: `"0000000001-0000000000000007"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NameDoc(pub Name);

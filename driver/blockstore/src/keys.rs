@@ -101,6 +101,60 @@ pub fn checkpoint_key(volume: &str, name: Name) -> String {
     format!("{VOLUMES_PREFIX}{volume}/checkpoints/{name}")
 }
 
+/// `volumes/<id>/attachments/`: one record per writer attachment, named by its epoch, and a
+/// marker when it ended. Both are written once; the newest record without a marker is the
+/// current writer.
+pub fn attachments_prefix(volume: &str) -> String {
+    format!("{VOLUMES_PREFIX}{volume}/attachments/")
+}
+
+pub fn attachment_key(volume: &str, epoch: u64) -> String {
+    format!("{VOLUMES_PREFIX}{volume}/attachments/{epoch:010}.json")
+}
+
+pub fn detachment_key(volume: &str, epoch: u64) -> String {
+    format!("{VOLUMES_PREFIX}{volume}/attachments/{epoch:010}.detached.json")
+}
+
+/// The epoch of an attachment record key, and whether it is the end marker.
+pub fn attachment_of_key(key: &str) -> Option<(u64, bool)> {
+    let file = key.rsplit('/').next()?;
+    let (epoch, ended) = match file.strip_suffix(".detached.json") {
+        Some(epoch) => (epoch, true),
+        None => (file.strip_suffix(".json")?, false),
+    };
+    if epoch.len() != 10 {
+        return None;
+    }
+    Some((epoch.parse().ok()?, ended))
+}
+
+/// `volumes/<id>/readers/<node>.json`: a read-only attachment; deleted when it ends.
+pub fn readers_prefix(volume: &str) -> String {
+    format!("{VOLUMES_PREFIX}{volume}/readers/")
+}
+
+pub fn reader_key(volume: &str, node: &str) -> String {
+    format!("{VOLUMES_PREFIX}{volume}/readers/{node}.json")
+}
+
+pub const IMPORTS_PREFIX: &str = "imports/";
+
+/// `imports/<snapshot-id>.json`: a snapshot being imported through the block-data API. Its
+/// blocks are segments of the hidden volume [`import_volume`] until it completes.
+pub fn import_key(snapshot: &str) -> String {
+    format!("{IMPORTS_PREFIX}{snapshot}.json")
+}
+
+pub fn import_of_key(key: &str) -> Option<&str> {
+    key.strip_prefix(IMPORTS_PREFIX)?.strip_suffix(".json")
+}
+
+/// The volume that holds an imported snapshot's data.
+pub fn import_volume(snapshot: &str) -> String {
+    format!("import.{snapshot}")
+}
+
 pub fn snapshot_key(snapshot: &str) -> String {
     format!("{SNAPSHOTS_PREFIX}{snapshot}.json")
 }

@@ -54,7 +54,7 @@ pub struct Volume {
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct CreateVolumeRequest {
-    /// The volume's id: 1 to 128 characters of \[A-Za-z0-9._-\], starting with a letter or digit.
+    /// The volume's id: 1 to 128 characters of \[a-z0-9._-\], starting with a letter or digit.
     #[prost(string, tag = "1")]
     pub name: ::prost::alloc::string::String,
     /// Zero takes the source's size.
