@@ -443,7 +443,7 @@ impl BlockDataService {
             loop {
                 ticker.tick().await;
                 if let Err(error) = service.sweep_expired_imports().await {
-                    tracing::warn!(error = %blockgate_engine::error_chain(&error), "sweeping expired imports failed");
+                    tracing::warn!(error = %crate::error::describe(&error), "sweeping expired imports failed");
                 }
             }
         })

@@ -82,7 +82,7 @@ fn store_code(error: &ObjectStoreError) -> Code {
 impl From<ApiError> for Status {
     fn from(error: ApiError) -> Status {
         let code = error.code();
-        let message = blockgate_engine::error_chain(&error);
+        let message = describe(&error);
         if matches!(
             code,
             Code::Internal | Code::DataLoss | Code::Unavailable | Code::FailedPrecondition
@@ -93,4 +93,20 @@ impl From<ApiError> for Status {
         }
         Status::new(code, message)
     }
+}
+
+/// An error and its causes, outermost first, joined by `: `: the store's details are in the
+/// causes, and clients need them to act.
+pub fn describe(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !message.ends_with(&cause_text) {
+            message.push_str(": ");
+            message.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    message
 }
