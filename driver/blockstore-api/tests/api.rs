@@ -132,7 +132,7 @@ impl Gateways for InProcessGateways {
 }
 
 struct Harness {
-    _s3: S3sFsServer,
+    s3: S3sFsServer,
     dir: tempfile::TempDir,
     store: Arc<dyn ObjectStore>,
     gateways: Arc<InProcessGateways>,
@@ -157,7 +157,7 @@ impl Harness {
         }));
         let channel = server::connect_unix(&socket);
         Harness {
-            _s3: s3,
+            s3,
             store,
             gateways,
             volumes: BlockStoreClient::new(channel.clone()),
@@ -787,4 +787,43 @@ async fn an_imported_snapshot_is_verified_and_restores() {
         .await
         .unwrap_err();
     assert_eq!(late.code(), Code::FailedPrecondition, "{late}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_store_outage_is_unavailable_and_changes_nothing() {
+    let mut h = Harness::start().await;
+    h.create("kept", MIB, None).await;
+    h.s3.stop();
+    let info = h
+        .volumes
+        .get_service_info(pb::GetServiceInfoRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(info.code(), Code::Unavailable, "{info}");
+    let create = h
+        .volumes
+        .create_volume(pb::CreateVolumeRequest {
+            name: "during-outage".into(),
+            size_bytes: MIB,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(create.code(), Code::Unavailable, "{create}");
+    let attach = h.attach("kept", "node-a", false).await.unwrap_err();
+    assert_eq!(attach.code(), Code::Unavailable, "{attach}");
+    h.s3.restart().expect("restart s3s-fs");
+    let volumes = h
+        .volumes
+        .list_volumes(pb::ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .volumes;
+    assert_eq!(
+        volumes.iter().map(|v| v.id.as_str()).collect::<Vec<_>>(),
+        ["kept"],
+        "nothing was created or lost during the outage"
+    );
+    assert!(volumes[0].attachment.is_none());
 }
