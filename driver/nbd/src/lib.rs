@@ -19,5 +19,6 @@ pub mod server;
 pub mod wire;
 
 pub use server::{
-    BlockDevice, ExportInfo, Exports, InvalidBlockSizes, IoError, ServeOptions, SessionError, serve,
+    BlockDevice, ExportInfo, Exports, InvalidBlockSizes, IoError, ServeOptions, SessionError,
+    serve, serve_transmission,
 };

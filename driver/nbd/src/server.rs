@@ -235,6 +235,40 @@ where
     .await
 }
 
+/// Serves the transmission phase alone, for a client that skips the handshake because it was
+/// told the export's terms another way: the Linux kernel's NBD driver, given one end of a
+/// socketpair through netlink together with the size and the transmission flags
+/// ([`ExportInfo::transmission_flags`] of `device`). Returns as [`serve`] does.
+pub async fn serve_transmission<S>(
+    stream: S,
+    device: Arc<dyn BlockDevice>,
+    options: &ServeOptions,
+) -> Result<(), SessionError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let info = device.info();
+    let span = tracing::info_span!("nbd_session", export = %info.name, kernel = true);
+    async move {
+        let block_sizes = admission::BlockSizes::from_info(&info).map_err(|source| {
+            SessionError::MisconfiguredExport {
+                name: info.name.clone(),
+                source,
+            }
+        })?;
+        let export = NegotiatedExport {
+            name: info.name.clone(),
+            transmission_flags: info.transmission_flags(),
+            device,
+            block_sizes,
+        };
+        let received = BytesMut::with_capacity(transmission::READ_BUFFER_CAPACITY);
+        transmission::run(stream, received, export, options).await
+    }
+    .instrument(span)
+    .await
+}
+
 /// What the handshake settled on: the device and the terms the client was told.
 struct NegotiatedExport {
     name: String,

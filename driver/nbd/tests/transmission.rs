@@ -486,3 +486,24 @@ proptest! {
         runtime.block_on(check_against_model(operations));
     }
 }
+
+/// The kernel's NBD driver skips the handshake (netlink told it the size and flags): the
+/// session starts in transmission and serves the device it was given.
+#[tokio::test]
+async fn a_session_can_start_in_transmission_for_the_kernel() {
+    let device = MemoryDevice::new(export_info("kernel", SIZE));
+    let (stream, server) = tokio::io::duplex(4 << 20);
+    let served: Arc<dyn blockgate_nbd::BlockDevice> = device.clone();
+    let session = tokio::spawn(async move {
+        blockgate_nbd::serve_transmission(server, served, &ServeOptions::default()).await
+    });
+    let mut client = Client { stream };
+    let data = pattern(7, 4096);
+    assert_eq!(client.write(FLAG_FUA, 8192, &data).await, 0);
+    assert_eq!(client.read(8192, 4096).await, Ok(data.clone()));
+    assert_eq!(device.contents()[8192..12288], data[..]);
+    assert_eq!(client.call(0, CMD_FLUSH, 0, 0).await, 0);
+    // Out of range is the protocol's error, not the end of the session.
+    assert_ne!(client.read(SIZE, 512).await, Ok(vec![0; 512]));
+    disconnect(client, session).await;
+}
