@@ -7,14 +7,19 @@
 //!   transmission (`READ`, `WRITE` with `FUA`, `FLUSH`, `TRIM`, `WRITE_ZEROES`, `DISC`) with
 //!   requests executed concurrently and replies sent as they complete.
 //!
+//! - [`netlink`]: the Linux kernel's NBD driver controlled through generic netlink (connect a
+//!   device to socketpair ends the caller serves with [`serve_transmission`], reconfigure,
+//!   disconnect, status), messages sans-IO.
+//!
 //! The data lives behind [`BlockDevice`], and the set of exports behind [`Exports`]; both are
 //! implemented by the caller (the gateway's volumes, or in-memory devices in tests). This crate
-//! never touches data itself, never listens on a socket, and knows nothing of the kernel.
+//! never touches data itself and never listens on a socket.
 //!
 //! Not implemented, and refused as the spec allows: TLS (`NBD_OPT_STARTTLS` gets
 //! `NBD_REP_ERR_UNSUP`), structured replies, metadata contexts and block status, extended
 //! headers, `NBD_CMD_CACHE`, fast zeroes.
 
+pub mod netlink;
 pub mod server;
 pub mod wire;
 
