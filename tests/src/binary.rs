@@ -1,9 +1,12 @@
-//! Finding the `blockgate-gateway` binary of this workspace, built from the current sources.
+//! Finding the binaries of this workspace (`blockgate-gateway`, `blockgate-csi`,
+//! `blockgate-blockstore`), built from the current sources.
 //!
-//! `CARGO_BIN_EXE_*` only names binaries of the test's own package, so the gateway is looked up
-//! in the target directory this test executable was built into (`<target>/<profile>/deps/..`),
-//! after one `cargo build -p blockgate-gateway` per test run (cargo does nothing when it is up
-//! to date). `BLOCKGATE_GATEWAY_BIN` names a prebuilt binary instead and skips the build.
+//! `CARGO_BIN_EXE_*` only names binaries of the test's own package, so the binaries are looked
+//! up in the target directory this test executable was built into (`<target>/<profile>/deps/..`),
+//! after one `cargo build -p blockgate-gateway -p blockgate-csi -p blockgate-blockstore-api
+//! --bins` per test run (cargo does nothing when they are up to date).
+//! `BLOCKGATE_GATEWAY_BIN`, `BLOCKGATE_CSI_BIN` and `BLOCKGATE_BLOCKSTORE_BIN` name prebuilt
+//! binaries instead and skip the build.
 
 use std::fs::OpenOptions;
 use std::os::unix::io::AsRawFd;
@@ -11,20 +14,59 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-const BINARY: &str = "blockgate-gateway";
+/// A binary of the workspace: its name and the variable naming a prebuilt one.
+struct Binary {
+    name: &'static str,
+    override_var: &'static str,
+}
+
+const GATEWAY: Binary = Binary {
+    name: "blockgate-gateway",
+    override_var: "BLOCKGATE_GATEWAY_BIN",
+};
+const CSI: Binary = Binary {
+    name: "blockgate-csi",
+    override_var: "BLOCKGATE_CSI_BIN",
+};
+const BLOCKSTORE: Binary = Binary {
+    name: "blockgate-blockstore",
+    override_var: "BLOCKGATE_BLOCKSTORE_BIN",
+};
+
+/// The packages built once per test run, holding every binary above.
+const PACKAGES: [&str; 3] = [
+    "blockgate-gateway",
+    "blockgate-csi",
+    "blockgate-blockstore-api",
+];
 
 /// The gateway binary, built if needed. Panics with cargo's output when it cannot be built.
 pub fn gateway_binary() -> &'static Path {
     static BINARY_PATH: OnceLock<PathBuf> = OnceLock::new();
-    BINARY_PATH.get_or_init(|| locate_or_build().unwrap_or_else(|error| panic!("{error}")))
+    BINARY_PATH.get_or_init(|| locate_or_build(&GATEWAY).unwrap_or_else(|error| panic!("{error}")))
 }
 
-fn locate_or_build() -> Result<PathBuf, String> {
-    if let Some(path) = std::env::var_os("BLOCKGATE_GATEWAY_BIN") {
+/// The CSI plugin binary, built if needed. Panics with cargo's output when it cannot be built.
+pub fn csi_binary() -> &'static Path {
+    static BINARY_PATH: OnceLock<PathBuf> = OnceLock::new();
+    BINARY_PATH.get_or_init(|| locate_or_build(&CSI).unwrap_or_else(|error| panic!("{error}")))
+}
+
+/// The block-storage API binary, built if needed. Panics with cargo's output when it cannot be
+/// built.
+pub fn blockstore_binary() -> &'static Path {
+    static BINARY_PATH: OnceLock<PathBuf> = OnceLock::new();
+    BINARY_PATH
+        .get_or_init(|| locate_or_build(&BLOCKSTORE).unwrap_or_else(|error| panic!("{error}")))
+}
+
+fn locate_or_build(binary: &Binary) -> Result<PathBuf, String> {
+    if let Some(path) = std::env::var_os(binary.override_var) {
         let path = PathBuf::from(path);
         if !path.is_file() {
             return Err(format!(
-                "BLOCKGATE_GATEWAY_BIN={} is not a file",
+                "{}={} is not a file",
+                binary.override_var,
                 path.display()
             ));
         }
@@ -38,17 +80,18 @@ fn locate_or_build() -> Result<PathBuf, String> {
         .and_then(Path::parent)
         .ok_or_else(|| format!("unexpected test executable path {}", executable.display()))?;
     build_once_per_run(profile_dir)?;
-    let binary = profile_dir.join(BINARY);
-    if !binary.is_file() {
+    let path = profile_dir.join(binary.name);
+    if !path.is_file() {
         return Err(format!(
-            "cargo built blockgate-gateway but {} does not exist",
-            binary.display()
+            "cargo built {} but {} does not exist",
+            binary.name,
+            path.display()
         ));
     }
-    Ok(binary)
+    Ok(path)
 }
 
-/// Runs `cargo build -p blockgate-gateway` once per test run: nextest runs every test in its
+/// Runs `cargo build -p <each of PACKAGES> --bins` once per test run: nextest runs every test in its
 /// own process, so the processes agree through a lock file and a marker holding the run id.
 fn build_once_per_run(profile_dir: &Path) -> Result<(), String> {
     let run = std::env::var("NEXTEST_RUN_ID")
@@ -80,15 +123,11 @@ fn build_once_per_run(profile_dir: &Path) -> Result<(), String> {
         .ok_or("the profile directory has no parent")?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut command = Command::new(cargo);
+    command.args(["build", "--quiet", "--bins"]);
+    for package in PACKAGES {
+        command.args(["-p", package]);
+    }
     command
-        .args([
-            "build",
-            "--quiet",
-            "-p",
-            "blockgate-gateway",
-            "--bin",
-            BINARY,
-        ])
         .arg("--manifest-path")
         .arg(workspace.join("Cargo.toml"))
         .arg("--target-dir")
@@ -104,10 +143,11 @@ fn build_once_per_run(profile_dir: &Path) -> Result<(), String> {
     }
     let output = command
         .output()
-        .map_err(|e| format!("cannot run cargo to build blockgate-gateway: {e}"))?;
+        .map_err(|e| format!("cannot run cargo to build {}: {e}", PACKAGES.join(", ")))?;
     if !output.status.success() {
         return Err(format!(
-            "cargo build -p blockgate-gateway failed ({}):\n{}",
+            "cargo build -p {} --bins failed ({}):\n{}",
+            PACKAGES.join(" -p "),
             output.status,
             String::from_utf8_lossy(&output.stderr)
         ));
