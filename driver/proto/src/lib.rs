@@ -18,3 +18,10 @@ pub mod blockstore {
         include!("gen/blockgate.blockstore.v1.rs");
     }
 }
+
+/// The gateway's node API (for the CSI node plugin).
+pub mod gateway {
+    pub mod v1 {
+        include!("gen/blockgate.gateway.v1.rs");
+    }
+}

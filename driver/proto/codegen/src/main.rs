@@ -7,7 +7,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 
-const FILES: [&str; 2] = ["csi/csi.proto", "blockgate/blockstore.proto"];
+const FILES: [&str; 3] = [
+    "csi/csi.proto",
+    "blockgate/blockstore.proto",
+    "blockgate/gateway.proto",
+];
 
 fn generate(protos: &Path, out: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("create {}", out.display()))?;
