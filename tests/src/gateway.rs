@@ -58,6 +58,7 @@ pub struct GatewayOptions {
     log_capacity: Option<String>,
     cache_capacity: Option<String>,
     gc_grace_seconds: Option<u64>,
+    attach_only: bool,
 }
 
 impl GatewayOptions {
@@ -71,6 +72,7 @@ impl GatewayOptions {
             log_capacity: None,
             cache_capacity: None,
             gc_grace_seconds: None,
+            attach_only: false,
         }
     }
 
@@ -124,6 +126,12 @@ impl GatewayOptions {
 
     pub fn gc_grace_seconds(mut self, seconds: u64) -> Self {
         self.gc_grace_seconds = Some(seconds);
+        self
+    }
+
+    /// Managed mode (`serve --attach-only`): the gateway opens only volumes attached to it.
+    pub fn attach_only(mut self) -> Self {
+        self.attach_only = true;
         self
     }
 
@@ -221,6 +229,9 @@ impl Gateway {
         }
         if let Some(seconds) = options.gc_grace_seconds {
             command.args(["--gc-grace-seconds", &seconds.to_string()]);
+        }
+        if options.attach_only {
+            command.arg("--attach-only");
         }
         for volume in &options.volumes {
             command.args(["--volume", volume]);
@@ -465,6 +476,19 @@ impl Gateway {
             .and_then(|volumes| volumes.iter().find(|v| v["id"] == volume))
             .cloned()
             .unwrap_or_else(|| panic!("volume {volume} is not in `volume list`: {list}"))
+    }
+
+    /// The ids in `volume list`.
+    pub fn volume_ids(&self) -> Vec<String> {
+        let list = self.admin_ok(&["volume", "list"]);
+        list.as_array()
+            .map(|volumes| {
+                volumes
+                    .iter()
+                    .filter_map(|v| v["id"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Waits until every write to `volume` is in the bucket: `log_bytes` is 0 in `volume

@@ -50,6 +50,7 @@ impl GatewayError {
                 "failed-precondition" => Code::FailedPrecondition,
                 "unavailable" => Code::Unavailable,
                 "resource-exhausted" => Code::ResourceExhausted,
+                "deadline-exceeded" => Code::DeadlineExceeded,
                 _ => Code::Internal,
             },
         }

@@ -1,6 +1,8 @@
 //! The block-storage API over a real unix socket, against a real S3-compatible server
 //! (s3s-fs), with in-process gateways (engines in attach-only mode) holding the volumes.
 
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)] // test code on 64-bit: a failed unwrap is a failed test
+
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;

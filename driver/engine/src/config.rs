@@ -26,6 +26,13 @@ pub struct EngineConfig {
     pub gc_grace: Duration,
     /// Block size advertised for new volumes.
     pub block_size: u32,
+    /// Managed mode: [`Engine::open`](crate::Engine::open) opens only the volumes that have
+    /// local state here (attached before a restart) and never takes a volume over by itself;
+    /// volumes come and go through [`Engine::attach_volume`](crate::Engine::attach_volume) and
+    /// [`Engine::detach_volume`](crate::Engine::detach_volume), with the writer epoch the
+    /// control plane hands out. Off (standalone): every volume in the bucket is opened, and one
+    /// without local state is taken over with the next epoch.
+    pub attach_only: bool,
 }
 
 impl Default for EngineConfig {
@@ -41,6 +48,7 @@ impl Default for EngineConfig {
             max_retry_delay: Duration::from_secs(10),
             gc_grace: Duration::from_secs(60),
             block_size: 4096,
+            attach_only: false,
         }
     }
 }

@@ -38,6 +38,18 @@ pub enum EngineError {
         ours: u64,
         current: u64,
     },
+    /// A detach gave up waiting for the write log to reach the bucket; the volume stays open
+    /// and attached, and nothing is dropped.
+    #[error(
+        "volume {volume} still holds {log_bytes} bytes not in the bucket after {waited_seconds} s; it stays attached{}",
+        last_upload_error.as_ref().map(|e| format!(" (last upload error: {e})")).unwrap_or_default()
+    )]
+    DrainTimeout {
+        volume: String,
+        log_bytes: u64,
+        waited_seconds: u64,
+        last_upload_error: Option<String>,
+    },
     #[error("volume {volume} is closed")]
     Closed { volume: String },
     #[error("write log of volume {volume} is on a full disk")]

@@ -113,6 +113,10 @@ impl Engine {
     /// its write log replayed; a volume with no local state is taken over from the bucket
     /// with a new writer epoch. A volume this gateway may not write (fenced) or whose bucket
     /// state is corrupt is logged and left closed; the others open as usual.
+    ///
+    /// With [`EngineConfig::attach_only`], only the volumes with local state here (attached
+    /// before a restart) are opened, and nothing is taken over: the control plane attaches
+    /// volumes with [`Engine::attach_volume`].
     pub async fn open(
         dir: &Path,
         store: Arc<dyn ObjectStore>,
@@ -142,10 +146,22 @@ impl Engine {
             gc_candidates: Mutex::new(HashMap::new()),
             _lock: lock,
         });
-        for id in list_volume_ids(&*engine.store).await? {
+        let ids = if engine.config.attach_only {
+            local_volume_ids(&volumes_dir)?
+        } else {
+            list_volume_ids(&*engine.store).await?
+        };
+        for id in ids {
             let descriptor = match engine.descriptor(&id).await {
                 Ok(Some(descriptor)) => descriptor,
-                Ok(None) => continue,
+                Ok(None) => {
+                    if engine.config.attach_only {
+                        // Left alone: it may hold writes nobody else has, and deleting them
+                        // is not this gateway's decision to make at start.
+                        tracing::warn!(volume = %id, "local state of a volume the bucket does not hold; not opened");
+                    }
+                    continue;
+                }
                 Err(error @ EngineError::Corrupt { .. }) => {
                     tracing::error!(volume = %id, %error, "volume not opened");
                     continue;
@@ -157,6 +173,11 @@ impl Engine {
                 if local.exists() {
                     std::fs::remove_dir_all(&local).map_err(|e| EngineError::local(&local, e))?;
                 }
+                continue;
+            }
+            if engine.config.attach_only
+                && volume::read_local_state(&engine.volume_dir(&id))?.is_none()
+            {
                 continue;
             }
             match engine.open_volume(&descriptor).await {
@@ -211,52 +232,325 @@ impl Engine {
         }
     }
 
+    /// Opens a volume: with local state, its write log replays on the bucket state; without,
+    /// it is taken over from the bucket with the next writer epoch (standalone mode).
     async fn open_volume(&self, descriptor: &VolumeDescriptor) -> Result<Arc<Volume>, EngineError> {
         let id = &descriptor.id;
-        let dir = self.volume_dir(id);
-        let local = volume::read_local_state(&dir)?;
+        let local = volume::read_local_state(&self.volume_dir(id))?;
         let mut remote = remote::recover(&*self.store, id, descriptor.size).await?;
         let local = match local {
-            Some(local) => {
-                if remote.checkpoint.epoch > local.epoch {
-                    return Err(EngineError::Fenced {
-                        volume: id.clone(),
-                        ours: local.epoch,
-                        current: remote.checkpoint.epoch,
-                    });
-                }
-                local
-            }
+            Some(local) => self.resume(id, &mut remote, local).await?,
             None => {
-                // Taking the volume over from the bucket: a new epoch fences any earlier
-                // writer, and a checkpoint in it starts the chain this gateway extends.
-                let name = Name {
-                    epoch: remote.checkpoint.epoch + 1,
-                    seq: remote.applied.seq,
-                };
-                self.put_checkpoint(id, &mut remote, name).await?;
-                std::fs::create_dir_all(&dir).map_err(|e| EngineError::local(&dir, e))?;
-                let local = LocalState {
-                    epoch: name.epoch,
-                    hydrated: descriptor.mode == Mode::Cached || remote.map.is_empty(),
-                    pending_snapshots: Vec::new(),
-                    last_snapshot: None,
-                };
-                volume::write_local_state(&dir, &local)?;
-                tracing::info!(volume = %id, epoch = name.epoch, at = %name, "volume taken over from the bucket");
-                local
+                let epoch = remote.checkpoint.epoch + 1;
+                self.take_over(descriptor, &mut remote, epoch, EpochGrant::Derived)
+                    .await?
             }
         };
+        self.start_volume(descriptor, remote, local)
+    }
+
+    /// Checks local state of epoch L against the bucket. A newer epoch in the bucket fences
+    /// this gateway. An older one means an attach saved epoch L but stopped before its
+    /// checkpoint was written: the checkpoint is written now, so what the log uploads under
+    /// L continues a chain recovery follows.
+    async fn resume(
+        &self,
+        id: &str,
+        remote: &mut RemoteState,
+        local: LocalState,
+    ) -> Result<LocalState, EngineError> {
+        if remote.checkpoint.epoch > local.epoch {
+            return Err(EngineError::Fenced {
+                volume: id.to_string(),
+                ours: local.epoch,
+                current: remote.checkpoint.epoch,
+            });
+        }
+        if remote.checkpoint.epoch < local.epoch {
+            let name = Name {
+                epoch: local.epoch,
+                seq: remote.applied.seq,
+            };
+            self.put_checkpoint(id, remote, name).await?;
+            tracing::info!(volume = %id, epoch = local.epoch, at = %name, "write log continues under a new writer epoch");
+        }
+        Ok(local)
+    }
+
+    /// Takes a volume without local state over from the bucket with writer epoch `epoch`: a
+    /// checkpoint in that epoch starts the chain this gateway extends and fences any earlier
+    /// writer.
+    async fn take_over(
+        &self,
+        descriptor: &VolumeDescriptor,
+        remote: &mut RemoteState,
+        epoch: u64,
+        grant: EpochGrant,
+    ) -> Result<LocalState, EngineError> {
+        let id = &descriptor.id;
+        let dir = self.volume_dir(id);
+        let local = LocalState {
+            epoch,
+            hydrated: descriptor.mode == Mode::Cached || remote.map.is_empty(),
+            pending_snapshots: Vec::new(),
+            last_snapshot: None,
+        };
+        let name = Name {
+            epoch,
+            seq: remote.applied.seq,
+        };
+        match grant {
+            // Handed to this gateway alone: saved before its checkpoint is written, so if the
+            // gateway stops in between, the next open finds local state newer than the bucket
+            // and writes the checkpoint then (`resume`) instead of forgetting the epoch.
+            EpochGrant::Attached => {
+                std::fs::create_dir_all(&dir).map_err(|e| EngineError::local(&dir, e))?;
+                volume::write_local_state(&dir, &local)?;
+                self.put_checkpoint(id, remote, name).await?;
+            }
+            // Derived from the bucket, so another gateway may derive the same one: it is
+            // claimed in the bucket first, and a gateway that stops before saving it takes
+            // the volume over again with a fresh one rather than sharing it.
+            EpochGrant::Derived => {
+                self.put_checkpoint(id, remote, name).await?;
+                std::fs::create_dir_all(&dir).map_err(|e| EngineError::local(&dir, e))?;
+                volume::write_local_state(&dir, &local)?;
+            }
+        }
+        tracing::info!(volume = %id, epoch, at = %name, "volume taken over from the bucket");
+        Ok(local)
+    }
+
+    fn start_volume(
+        &self,
+        descriptor: &VolumeDescriptor,
+        remote: RemoteState,
+        local: LocalState,
+    ) -> Result<Arc<Volume>, EngineError> {
         Volume::open(OpenParams {
-            id: id.clone(),
+            id: descriptor.id.clone(),
             mode: descriptor.mode,
             block_size: descriptor.block_size,
-            dir,
+            dir: self.volume_dir(&descriptor.id),
             remote,
             local,
             store: self.store.clone(),
             config: self.config.clone(),
         })
+    }
+
+    /// Attaches a volume to this gateway as its writer with `epoch`, the writer epoch the
+    /// control plane handed out (larger than any epoch the volume had). Idempotent: a volume
+    /// already open here with `epoch` is returned as it is.
+    ///
+    /// - An `epoch` older than the bucket's newest, or than the one the volume is open with
+    ///   here, is refused with [`EngineError::Fenced`]: a stale attach must not take a volume
+    ///   back from its current writer.
+    /// - Without local state, the volume is taken over from the bucket with `epoch`.
+    /// - With local state of an older epoch (the volume was attached here before): if the
+    ///   bucket moved on since (another writer), the local state is dropped and the volume
+    ///   taken over from the bucket; otherwise the write log is kept and continues under
+    ///   `epoch`, so no acknowledged write is lost.
+    /// - A volume open here with an older epoch is closed first, then handled as above.
+    pub async fn attach_volume(&self, id: &str, epoch: u64) -> Result<Arc<Volume>, EngineError> {
+        keys::validate_id(id).map_err(EngineError::InvalidArgument)?;
+        if epoch == 0 {
+            return Err(EngineError::InvalidArgument(
+                "writer epochs start at 1".to_string(),
+            ));
+        }
+        let _admin = self.admin.lock().await;
+        let not_found = || EngineError::VolumeNotFound { id: id.to_string() };
+        let descriptor = self.descriptor(id).await?.ok_or_else(not_found)?;
+        if self.is_tombstoned(id).await? {
+            return Err(not_found());
+        }
+        let stale = |current: u64| EngineError::Fenced {
+            volume: id.to_string(),
+            ours: epoch,
+            current,
+        };
+        let newest = remote::latest_checkpoint(&*self.store, id)
+            .await?
+            .map_or(0, |name| name.epoch);
+        let open = self.volume(id).ok();
+        if let Some(open) = &open
+            && open.epoch() > epoch
+        {
+            return Err(stale(open.epoch()));
+        }
+        if newest > epoch {
+            return Err(stale(newest));
+        }
+        let dir = self.volume_dir(id);
+        if newest == epoch {
+            // The bucket holds this very epoch: only this gateway's own state of it may go
+            // on (an attach retried after it stopped halfway). Anyone else holding it would
+            // write the same keys as this gateway.
+            let held_here = match &open {
+                Some(open) => open.epoch(),
+                None => volume::read_local_state(&dir)?.map_or(0, |local| local.epoch),
+            };
+            if held_here != epoch {
+                tracing::error!(volume = %id, epoch, "attach refused: the bucket already holds this writer epoch and this gateway has no state of it");
+                return Err(stale(newest));
+            }
+        }
+        if let Some(open) = open {
+            if open.epoch() == epoch {
+                return Ok(open);
+            }
+            // Open with an older epoch: closed first, so its log is replayed below under
+            // the new epoch and nothing of it uploads under the old one meanwhile.
+            self.volumes_lock()?.remove(id);
+            open.close().await;
+            tracing::info!(volume = %id, old_epoch = open.epoch(), epoch, "volume reopened with a new writer epoch");
+        }
+        let local = volume::read_local_state(&dir)?;
+        let mut remote = remote::recover(&*self.store, id, descriptor.size).await?;
+        let local = match local {
+            Some(local) if local.epoch == epoch => self.resume(id, &mut remote, local).await?,
+            Some(local) if local.epoch > epoch => return Err(stale(local.epoch)),
+            Some(local) if remote.checkpoint.epoch > local.epoch => {
+                // Another gateway wrote the volume since this one held it: the bucket is the
+                // volume now, and what this log still holds was never part of it.
+                let dropped = self.unuploaded_bytes(id, local.epoch, &dir).await;
+                tracing::error!(volume = %id, local_epoch = local.epoch, bucket_epoch = remote.checkpoint.epoch, epoch, dropped_bytes = dropped, "local state is older than the bucket's writer; dropping it and its unuploaded writes");
+                std::fs::remove_dir_all(&dir).map_err(|e| EngineError::local(&dir, e))?;
+                self.take_over(&descriptor, &mut remote, epoch, EpochGrant::Attached)
+                    .await?
+            }
+            Some(local) => {
+                // Nobody wrote since: the log continues under the new epoch. Saved first, as
+                // in `take_over`.
+                let local = LocalState { epoch, ..local };
+                volume::write_local_state(&dir, &local)?;
+                self.resume(id, &mut remote, local).await?
+            }
+            None => {
+                self.take_over(&descriptor, &mut remote, epoch, EpochGrant::Attached)
+                    .await?
+            }
+        };
+        let volume = self.start_volume(&descriptor, remote, local)?;
+        self.volumes_lock()?.insert(id.to_string(), volume.clone());
+        tracing::info!(volume = %id, epoch, "volume attached");
+        Ok(volume)
+    }
+
+    /// Write-log bytes of local state at `epoch` that never reached the bucket (for the log
+    /// line that says what is dropped; 0 when it cannot be told).
+    async fn unuploaded_bytes(&self, id: &str, epoch: u64, dir: &Path) -> u64 {
+        let uploaded: HashSet<u64> =
+            remote::list_names(&*self.store, &keys::segments_epoch_prefix(id, epoch))
+                .await
+                .map(|names| names.into_iter().map(|name| name.seq).collect())
+                .unwrap_or_default();
+        volume::log_bytes_on_disk(dir, |seq| !uploaded.contains(&seq))
+    }
+
+    /// Detaches a volume from this gateway: new writes wait, everything in the write log is
+    /// uploaded and pending snapshots become ready, then the volume is closed and its local
+    /// state removed. Idempotent: a volume not open here is detached already.
+    ///
+    /// Waits at most `timeout`. If the bucket cannot be reached meanwhile, the detach fails
+    /// with the store's error, and when the log is still not drained for another reason with
+    /// [`EngineError::DrainTimeout`]; either way the volume stays open and attached, and
+    /// nothing is dropped. A fenced volume (a newer writer holds it) is closed at once: its
+    /// unuploaded writes can never become part of the volume.
+    pub async fn detach_volume(&self, id: &str, timeout: Duration) -> Result<(), EngineError> {
+        let Ok(volume) = self.volume(id) else {
+            return Ok(());
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        volume.set_detaching(true);
+        let admin = loop {
+            if let Err(error) = self.drain(&volume, deadline, timeout).await {
+                volume.set_detaching(false);
+                return Err(error);
+            }
+            // Snapshots are cut under the admin lock: checked again under it, nothing new can
+            // be pending when the volume closes.
+            let admin = self.admin.lock().await;
+            if volume.is_settled() || volume.is_fenced() {
+                break admin;
+            }
+        };
+        {
+            let mut volumes = self.volumes_lock()?;
+            if !volumes
+                .get(id)
+                .is_some_and(|open| Arc::ptr_eq(open, &volume))
+            {
+                // Reattached meanwhile (with a newer epoch): that volume is not ours to close.
+                return Ok(());
+            }
+            volumes.remove(id);
+        }
+        if volume.is_fenced() {
+            let dropped = volume.status().map(|s| s.log_bytes).unwrap_or(0);
+            tracing::error!(volume = %id, epoch = volume.epoch(), dropped_bytes = dropped, "detaching a fenced volume: its unuploaded writes are dropped");
+        }
+        volume.close().await;
+        let dir = volume.local_dir().to_path_buf();
+        drop(volume);
+        std::fs::remove_dir_all(&dir).map_err(|e| EngineError::local(&dir, e))?;
+        drop(admin);
+        tracing::info!(volume = %id, "volume detached");
+        Ok(())
+    }
+
+    /// Waits until `volume` has nothing left to upload, or is fenced.
+    async fn drain(
+        &self,
+        volume: &Arc<Volume>,
+        deadline: tokio::time::Instant,
+        timeout: Duration,
+    ) -> Result<(), EngineError> {
+        if !volume.is_fenced() {
+            volume.flush().await.or_else(|error| match error {
+                EngineError::Fenced { .. } => Ok(()),
+                other => Err(other),
+            })?;
+        }
+        loop {
+            if volume.is_fenced() {
+                return Ok(());
+            }
+            // Seals what arrived since the last pass (writes that were already in the log
+            // when the detach began).
+            volume.seal_now()?;
+            if volume.is_settled() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            let notified = volume.space_freed.notified();
+            // Checkpoints and manifests finish without a notification: look again soon.
+            let _ = tokio::time::timeout_at(
+                deadline.min(tokio::time::Instant::now() + Duration::from_millis(50)),
+                notified,
+            )
+            .await;
+        }
+        // Tell an unreachable bucket (the usual reason) from a log that does not drain.
+        match volume.check_fenced().await {
+            Ok(true) => Ok(()),
+            Err(source) => Err(EngineError::store(
+                "upload the write log before detach",
+                source,
+            )),
+            Ok(false) => {
+                let status = volume.status()?;
+                Err(EngineError::DrainTimeout {
+                    volume: volume.id.clone(),
+                    log_bytes: status.log_bytes,
+                    waited_seconds: timeout.as_secs(),
+                    last_upload_error: status.last_upload_error,
+                })
+            }
+        }
     }
 
     async fn put_checkpoint(
@@ -827,6 +1121,15 @@ impl Engine {
     }
 }
 
+/// Where a writer epoch came from, which decides how a takeover records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EpochGrant {
+    /// Handed out by the control plane to this gateway alone (`attach_volume`).
+    Attached,
+    /// `newest + 1`, derived from the bucket (standalone mode).
+    Derived,
+}
+
 #[derive(Debug, Default)]
 struct References {
     segments: HashSet<Name>,
@@ -861,5 +1164,24 @@ pub async fn list_volume_ids(store: &dyn ObjectStore) -> Result<Vec<String>, Eng
         ids.push(id.to_string());
         after = Some(keys::after_volume(id));
     }
+    Ok(ids)
+}
+
+/// The volumes with a directory under `volumes_dir` (local state of this gateway).
+fn local_volume_ids(volumes_dir: &Path) -> Result<Vec<String>, EngineError> {
+    let entries = std::fs::read_dir(volumes_dir).map_err(|e| EngineError::local(volumes_dir, e))?;
+    let mut ids = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| EngineError::local(volumes_dir, e))?;
+        if !entry.path().is_dir() {
+            continue;
+        }
+        if let Some(id) = entry.file_name().to_str()
+            && keys::validate_id(id).is_ok()
+        {
+            ids.push(id.to_string());
+        }
+    }
+    ids.sort();
     Ok(ids)
 }

@@ -204,6 +204,28 @@ pub async fn latest_checkpoint(
         .max())
 }
 
+/// The first checkpoint of a writer epoch newer than `epoch`, if the bucket holds one: the
+/// volume was then attached to (taken over by) a newer writer, and a writer of `epoch` is
+/// fenced. One LIST request, starting after the last name epoch `epoch` can have, so its cost
+/// does not grow with the volume's history. Errors are the store's, never "fenced": the
+/// caller retries them.
+pub async fn newer_checkpoint(
+    store: &dyn ObjectStore,
+    volume: &str,
+    epoch: u64,
+) -> Result<Option<Name>, ObjectStoreError> {
+    let prefix = keys::checkpoints_prefix(volume);
+    // Names are `{epoch:010}-{seq:016}`: every name of `epoch` sorts before
+    // `{epoch:010}-\u{7f}`, every name of a later epoch after it.
+    let after = format!("{prefix}{epoch:010}-\u{7f}");
+    let page = store.list(&prefix, Some(after)).await?;
+    Ok(page
+        .keys
+        .iter()
+        .filter_map(|object| keys::name_of_key(&object.key))
+        .find(|name| name.epoch > epoch))
+}
+
 /// Rebuilds a volume's bucket-side state: the newest checkpoint and the segments of its
 /// epoch that follow it without a gap.
 pub async fn recover(

@@ -14,7 +14,7 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use blockgate_blockstore::documents::{self, Mode, NameDoc, SnapshotManifest};
@@ -158,6 +158,9 @@ pub struct VolumeStatus {
     pub hydrated: bool,
     pub pending_snapshots: Vec<String>,
     pub last_upload_error: Option<String>,
+    /// A newer writer epoch is in the bucket: this gateway uploads nothing more and refuses
+    /// every request to the volume.
+    pub fenced: bool,
     pub cache_hits: u64,
     pub cache_misses: u64,
     pub cache_used_bytes: u64,
@@ -177,6 +180,15 @@ pub struct Volume {
     id_arc: Arc<str>,
     pub mode: Mode,
     pub block_size: u32,
+    /// The writer epoch this volume writes with; fixed for the life of the `Volume` (a new
+    /// epoch reopens it).
+    epoch: u64,
+    /// The newer epoch seen in the bucket, once this writer is fenced. Set once, never
+    /// cleared: a fenced writer can never write again.
+    fenced_by: OnceLock<u64>,
+    /// A detach is waiting for the log to drain: new writes wait until it ends (and then
+    /// fail with `Closed`, or proceed if the detach gave up).
+    detaching: AtomicBool,
     store: Arc<dyn ObjectStore>,
     config: Arc<EngineConfig>,
     dir: PathBuf,
@@ -184,7 +196,7 @@ pub struct Volume {
     state: Mutex<State>,
     sync_lock: tokio::sync::Mutex<()>,
     synced: AtomicU64,
-    space_freed: Notify,
+    pub(crate) space_freed: Notify,
     work: Notify,
     pub(crate) snapshot_ready: Notify,
     cache: Option<ChunkCache>,
@@ -385,6 +397,9 @@ impl Volume {
             id,
             mode,
             block_size,
+            epoch: local.epoch,
+            fenced_by: OnceLock::new(),
+            detaching: AtomicBool::new(false),
             store,
             dir,
             log_dir,
@@ -452,13 +467,62 @@ impl Volume {
         self.lock().map(|st| st.size).unwrap_or(0)
     }
 
+    /// The writer epoch this gateway holds the volume with.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// True once a newer writer epoch was seen in the bucket.
+    pub fn is_fenced(&self) -> bool {
+        self.fenced_by.get().is_some()
+    }
+
+    fn fenced_error(&self, current: u64) -> EngineError {
+        EngineError::Fenced {
+            volume: self.id.clone(),
+            ours: self.epoch,
+            current,
+        }
+    }
+
+    /// Refuses requests to a closed volume, and to a fenced one: another gateway writes the
+    /// volume now, so this one's writes would be lost and its reads may be stale.
     fn check_open(&self) -> Result<(), EngineError> {
         if self.closed.load(Ordering::Acquire) {
             return Err(EngineError::Closed {
                 volume: self.id.clone(),
             });
         }
+        if let Some(current) = self.fenced_by.get() {
+            return Err(self.fenced_error(*current));
+        }
         Ok(())
+    }
+
+    /// Asks the bucket whether a newer writer holds the volume (one LIST); records it when
+    /// one does. Store errors are returned for the caller to retry: an unreachable bucket
+    /// says nothing about fencing.
+    pub(crate) async fn check_fenced(&self) -> Result<bool, ObjectStoreError> {
+        if self.is_fenced() {
+            return Ok(true);
+        }
+        match remote::newer_checkpoint(&*self.store, &self.id, self.epoch).await? {
+            Some(newer) => {
+                self.set_fenced(newer.epoch);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    fn set_fenced(&self, current: u64) {
+        if self.fenced_by.set(current).is_ok() {
+            let log_bytes = self.lock().map(|st| st.log_bytes).unwrap_or(0);
+            tracing::error!(volume = %self.id, epoch = self.epoch, newer_epoch = current, log_bytes, "volume attached to a newer writer: this gateway uploads nothing more and refuses its requests");
+        }
+        // Writes waiting for log space must wake up and fail rather than wait forever.
+        self.space_freed.notify_waiters();
+        self.work.notify_one();
     }
 
     fn check_range(&self, size: u64, offset: u64, length: u64) -> Result<(), EngineError> {
@@ -540,13 +604,18 @@ impl Volume {
             let notified = self.space_freed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            {
+            let detaching = {
                 self.check_open()?;
                 let mut st = self.lock()?;
                 if kind != RecordKind::Resize {
                     self.check_range(st.size, offset, u64::from(length))?;
                 }
-                if st.log_bytes == 0 || st.log_bytes + stored <= self.config.log_capacity {
+                // Checked under the state lock, so a detach that saw the log drained under
+                // that lock cannot miss a write that slipped in.
+                let detaching = self.detaching.load(Ordering::Acquire);
+                if !detaching
+                    && (st.log_bytes == 0 || st.log_bytes + stored <= self.config.log_capacity)
+                {
                     return self.append_locked(&mut st, kind, offset, length, data);
                 }
                 // Space only comes back through uploads: hand the uploader what the current
@@ -554,9 +623,14 @@ impl Volume {
                 if let Err(error) = self.seal_locked(&mut st) {
                     tracing::warn!(volume = %self.id, %error, "could not seal the write log file");
                 }
+                detaching
+            };
+            if detaching {
+                tracing::debug!(volume = %self.id, "volume detaching; write waits");
+            } else {
+                self.counters.log_full_waits.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(volume = %self.id, "write log full; write waits for uploads");
             }
-            self.counters.log_full_waits.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(volume = %self.id, "write log full; write waits for uploads");
             notified.await;
         }
     }
@@ -682,6 +756,9 @@ impl Volume {
     /// Makes every write acknowledged so far durable (group commit: concurrent flushes share
     /// one fdatasync).
     pub async fn flush(&self) -> Result<(), EngineError> {
+        if let Some(current) = self.fenced_by.get() {
+            return Err(self.fenced_error(*current));
+        }
         self.counters.flushes.fetch_add(1, Ordering::Relaxed);
         // Records are numbered in log order, so the next number says how much to cover.
         let target = self.lock()?.next_record_seq;
@@ -1050,14 +1127,28 @@ impl Volume {
                 match existing {
                     None => {
                         let body = documents::encode(&manifest);
-                        let _written = retry_forever(
+                        let written = retry_forever(
                             &volume_id,
                             "snapshot manifest",
                             max_delay,
                             |_| false,
-                            || store.put(&key, body.clone()),
+                            || async {
+                                // A fenced writer's snapshot would name a history the volume
+                                // no longer follows.
+                                let Some(volume) = volume.upgrade() else {
+                                    return Ok(false);
+                                };
+                                if volume.check_fenced().await? {
+                                    return Ok(false);
+                                }
+                                store.put(&key, body.clone()).await.map(|()| true)
+                            },
                         )
                         .await;
+                        if !matches!(written, Ok(true)) {
+                            tracing::error!(volume = %volume_id, snapshot = %manifest.id, "snapshot not written: the volume is held by a newer writer or closed");
+                            return;
+                        }
                         tracing::info!(volume = %volume_id, snapshot = %manifest.id, point = %manifest.point.0, "snapshot ready");
                     }
                     Some(Ok(found))
@@ -1131,6 +1222,10 @@ impl Volume {
                 uploaded = in_flight.next() => {
                     match uploaded {
                         Some(Some(uploaded)) => self.apply_uploaded(uploaded).await,
+                        Some(None) if self.is_fenced() => {
+                            tracing::warn!(volume = %self.id, "uploads stopped: a newer writer holds the volume");
+                            return;
+                        }
                         Some(None) if !self.closed.load(Ordering::Acquire) => {
                             // A log file that could not be made into a segment stays in the
                             // log. Applying the segments after it would leave a gap in the
@@ -1178,7 +1273,14 @@ impl Volume {
             if self.closed.load(Ordering::Acquire) {
                 return None;
             }
-            match self.store.put(&key, object.clone()).await {
+            // A fenced writer uploads nothing more: checked before every attempt, so a
+            // writer that was fenced during an outage stops as soon as the bucket answers.
+            let attempt = match self.check_fenced().await {
+                Ok(true) => return None,
+                Ok(false) => self.store.put(&key, object.clone()).await,
+                Err(error) => Err(error),
+            };
+            match attempt {
                 Ok(()) => break,
                 Err(error) => {
                     self.counters.upload_errors.fetch_add(1, Ordering::Relaxed);
@@ -1258,16 +1360,23 @@ impl Volume {
             let volume = self.clone();
             tokio::spawn(async move {
                 let key = keys::checkpoint_key(&volume.id, name);
-                let _written = retry_forever(
+                let written = retry_forever(
                     &volume.id,
                     "checkpoint",
                     volume.config.max_retry_delay,
                     |_| false,
-                    || volume.store.put(&key, body.clone()),
+                    || async {
+                        if volume.check_fenced().await? {
+                            return Ok(false);
+                        }
+                        volume.store.put(&key, body.clone()).await.map(|()| true)
+                    },
                 )
                 .await;
                 if let Ok(mut st) = volume.lock() {
-                    st.remote.checkpoint_written(name);
+                    if matches!(written, Ok(true)) {
+                        st.remote.checkpoint_written(name);
+                    }
                     st.checkpoint_uploading = false;
                 }
             });
@@ -1380,6 +1489,7 @@ impl Volume {
             hydrated: st.hydrated.is_none(),
             pending_snapshots: st.pending_snapshots.iter().map(|p| p.id.clone()).collect(),
             last_upload_error: st.last_upload_error.clone(),
+            fenced: self.is_fenced(),
             cache_hits: cache.hits,
             cache_misses: cache.misses,
             cache_used_bytes: cache.used_bytes,
@@ -1400,6 +1510,27 @@ impl Volume {
         self.lock()
             .map(|st| st.log_bytes == 0 && st.sealed.is_empty())
             .unwrap_or(false)
+    }
+
+    /// True when the bucket holds everything: no write in the log, no snapshot pending, no
+    /// checkpoint or manifest being written. What a detach waits for.
+    pub(crate) fn is_settled(&self) -> bool {
+        self.lock().is_ok_and(|st| {
+            st.log_bytes == 0
+                && st.sealed.is_empty()
+                && st.pending_snapshots.is_empty()
+                && st.manifests_in_flight.is_empty()
+                && !st.checkpoint_uploading
+        })
+    }
+
+    /// While set, new writes wait (a detach is draining the log); cleared, they go on.
+    pub(crate) fn set_detaching(&self, detaching: bool) {
+        // Under the state lock, so a writer checks the flag either before it is set (and its
+        // record is in the log the detach drains) or after (and it waits).
+        let _st = self.lock();
+        self.detaching.store(detaching, Ordering::Release);
+        self.space_freed.notify_waiters();
     }
 
     /// Seals what the log holds so the uploader sends it now.
@@ -1628,4 +1759,20 @@ where
             }
         }
     }
+}
+
+/// Bytes of valid records in the write log under volume directory `dir`, counting only the
+/// log files `counted` accepts (by sequence number). For reporting; unreadable files count 0.
+pub(crate) fn log_bytes_on_disk(dir: &std::path::Path, counted: impl Fn(u64) -> bool) -> u64 {
+    let Ok(files) = log::list_files(&dir.join("log")) else {
+        return 0;
+    };
+    files
+        .into_iter()
+        .filter(|(seq, _)| counted(*seq))
+        .filter_map(|(seq, path)| {
+            let bytes = LogFile::open(path, seq).ok()?.read_all().ok()?;
+            Some(log::parse_records(&bytes, None).1)
+        })
+        .sum()
 }

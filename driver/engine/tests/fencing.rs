@@ -8,13 +8,23 @@
 use std::sync::Arc;
 
 use blockgate_blockstore::documents::Mode;
-use blockgate_engine::EngineError;
+use blockgate_engine::{EngineError, Volume};
 use blockgate_objstore::{MemoryStore, ObjectStore};
 
 mod common;
-use common::{assert_same, config, create, open, pattern, read_all, wait_uploaded};
+use common::{assert_same, config, create, open, pattern, read_all, wait_until, wait_uploaded};
 
 const SIZE: u64 = 1 << 20;
+
+/// A write by a writer that is about to be fenced: accepted into its log, or refused once an
+/// upload found the newer epoch. Anything else is a failure.
+async fn write_until_fenced(volume: &Volume, offset: u64, data: &[u8]) {
+    match volume.write(offset, data, false).await {
+        Ok(()) => {}
+        Err(EngineError::Fenced { .. }) => assert!(volume.is_fenced()),
+        Err(other) => panic!("write by a writer being fenced: {other}"),
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_whose_volume_was_taken_over_does_not_open_it_again() {
@@ -76,11 +86,13 @@ async fn a_gateway_whose_volume_was_taken_over_does_not_open_it_again() {
     third.shutdown().await;
 }
 
-/// Without conditional writes the old gateway cannot be stopped from uploading, but what it
-/// uploads after the takeover carries its old epoch and is never part of the volume.
+/// The old gateway cannot know of the takeover until it looks: its next upload finds the
+/// newer epoch, and from then on it uploads nothing and refuses every request. Anything it
+/// uploaded before it looked carries its old epoch and is never part of the volume.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fenced_gateway_still_running_cannot_change_the_volume() {
-    let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+    let memory = Arc::new(MemoryStore::new());
+    let store: Arc<dyn ObjectStore> = memory.clone();
     let first_dir = tempfile::tempdir().unwrap();
     let second_dir = tempfile::tempdir().unwrap();
     let mut expected = vec![0u8; usize::try_from(SIZE).unwrap()];
@@ -94,14 +106,27 @@ async fn a_fenced_gateway_still_running_cannot_change_the_volume() {
 
     let second = open(second_dir.path(), &store, config()).await;
     let new_writer = second.volume("vol").unwrap();
-    // The fenced writer keeps writing and uploading (it cannot know yet).
+    let old_segments: Vec<String> = memory
+        .keys()
+        .into_iter()
+        .filter(|key| key.contains("/segments/"))
+        .collect();
+    // The fenced writer cannot know yet: its writes land in its log until a sealed log file's
+    // upload finds the newer epoch; from then on they are refused.
     for n in 0..5 {
-        old_writer
-            .write(n * 150_000, &pattern(100 + n, 70_000), false)
-            .await
-            .unwrap();
+        write_until_fenced(&old_writer, n * 150_000, &pattern(100 + n, 70_000)).await;
     }
-    wait_uploaded(&old_writer).await;
+    old_writer.seal_now().unwrap();
+    // Its upload finds the newer epoch.
+    wait_until("the old writer is fenced", || old_writer.is_fenced()).await;
+    assert!(matches!(
+        old_writer.write(0, &[1; 4096], false).await,
+        Err(EngineError::Fenced { .. })
+    ));
+    assert!(matches!(
+        old_writer.read(0, 4096).await,
+        Err(EngineError::Fenced { .. })
+    ));
     let newer = pattern(2, 30_000);
     new_writer.write(500_000, &newer, true).await.unwrap();
     expected[500_000..530_000].copy_from_slice(&newer);
@@ -110,6 +135,17 @@ async fn a_fenced_gateway_still_running_cannot_change_the_volume() {
         &read_all(&new_writer).await,
         &expected,
         "the new writer's view",
+    );
+    let segments: Vec<String> = memory
+        .keys()
+        .into_iter()
+        .filter(|key| key.contains("/segments/"))
+        .collect();
+    assert!(
+        segments
+            .iter()
+            .all(|key| old_segments.contains(key) || key.contains("/segments/0000000002-")),
+        "the fenced writer uploaded after the takeover: {segments:?}"
     );
     first.shutdown().await;
     second.shutdown().await;
@@ -171,14 +207,13 @@ async fn garbage_collection_on_a_fenced_gateway_keeps_the_new_writers_data() {
     expected[900_000..905_000].copy_from_slice(&newer);
     wait_uploaded(&new_writer).await;
 
-    // The fenced gateway overwrites everything it wrote, uploads, and collects garbage.
+    // The fenced gateway overwrites what it wrote (into its log: it cannot know yet), finds
+    // the newer epoch at its next upload, and collects garbage.
     for n in 0..4u64 {
-        old_writer
-            .write(n * 200_000, &pattern(100 + n, 60_000), false)
-            .await
-            .unwrap();
+        write_until_fenced(&old_writer, n * 200_000, &pattern(100 + n, 60_000)).await;
     }
-    wait_uploaded(&old_writer).await;
+    old_writer.seal_now().unwrap();
+    wait_until("the old writer is fenced", || old_writer.is_fenced()).await;
     first.collect_garbage().await.unwrap();
     first.shutdown().await;
     drop((old_writer, first));

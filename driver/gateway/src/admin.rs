@@ -5,12 +5,12 @@
 //! the control plane: the operator's control channel (DESIGN.md §6) replaces it for managed
 //! gateways.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use blockgate_blockstore::documents::Mode;
-use blockgate_engine::{Engine, EngineError, VolumeSource, VolumeSpec};
+use blockgate_engine::{Engine, EngineError, Volume, VolumeSource, VolumeSpec};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -57,6 +57,57 @@ pub enum Request {
         id: String,
     },
     CollectGarbage,
+    /// Attach a volume to this gateway as its writer with `epoch` (from the control plane).
+    AttachVolume {
+        id: String,
+        epoch: u64,
+    },
+    /// Upload everything, then close the volume and remove its local state.
+    DetachVolume {
+        id: String,
+        #[serde(default = "default_detach_timeout")]
+        timeout_seconds: u64,
+    },
+}
+
+/// How long a detach waits for the write log to reach the bucket when the request does not
+/// say.
+pub const DEFAULT_DETACH_TIMEOUT_SECONDS: u64 = 300;
+
+fn default_detach_timeout() -> u64 {
+    DEFAULT_DETACH_TIMEOUT_SECONDS
+}
+
+/// What admin requests act on.
+#[derive(Debug)]
+pub struct AdminContext {
+    pub engine: Arc<Engine>,
+    /// The NBD unix socket, for the export URIs in volume answers.
+    pub nbd_socket: PathBuf,
+}
+
+impl AdminContext {
+    /// `nbd+unix:///ID?socket=...`, as the gateway prints for its exports.
+    pub fn export_uri(&self, volume: &str) -> String {
+        export_uri(volume, &self.nbd_socket)
+    }
+
+    /// A volume's status with the URI it is exported at.
+    fn volume_json(&self, volume: &Volume) -> Result<serde_json::Value, EngineError> {
+        let mut value = serde_json::to_value(volume.status()?).unwrap_or_default();
+        if let Some(object) = value.as_object_mut() {
+            object.insert(
+                "export_uri".to_string(),
+                serde_json::Value::String(self.export_uri(&volume.id)),
+            );
+        }
+        Ok(value)
+    }
+}
+
+/// `nbd+unix:///ID?socket=...`.
+pub fn export_uri(volume: &str, nbd_socket: &Path) -> String {
+    format!("nbd+unix:///{volume}?socket={}", nbd_socket.display())
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -77,6 +128,7 @@ fn error_kind(error: &EngineError) -> &'static str {
         | EngineError::Fenced { .. }
         | EngineError::Closed { .. } => "failed-precondition",
         EngineError::Store { .. } => "unavailable",
+        EngineError::DrainTimeout { .. } => "deadline-exceeded",
         EngineError::LogDiskFull { .. } => "resource-exhausted",
         EngineError::Corrupt { .. }
         | EngineError::LogIo { .. }
@@ -85,7 +137,11 @@ fn error_kind(error: &EngineError) -> &'static str {
     }
 }
 
-async fn handle(engine: &Engine, request: Request) -> Result<serde_json::Value, EngineError> {
+async fn handle(
+    context: &AdminContext,
+    request: Request,
+) -> Result<serde_json::Value, EngineError> {
+    let engine = &context.engine;
     let json = |value: &dyn erased::Json| value.to_json();
     match request {
         Request::CreateVolume {
@@ -113,14 +169,14 @@ async fn handle(engine: &Engine, request: Request) -> Result<serde_json::Value, 
                     source,
                 })
                 .await?;
-            Ok(json(&volume.status()?))
+            context.volume_json(&volume)
         }
         Request::ListVolumes => {
             let mut statuses = Vec::new();
             for volume in engine.volumes() {
-                statuses.push(volume.status()?);
+                statuses.push(context.volume_json(&volume)?);
             }
-            Ok(json(&statuses))
+            Ok(serde_json::Value::Array(statuses))
         }
         Request::ExpandVolume { id, size } => {
             engine.expand_volume(&id, size).await?;
@@ -154,6 +210,19 @@ async fn handle(engine: &Engine, request: Request) -> Result<serde_json::Value, 
             Ok(serde_json::Value::Null)
         }
         Request::CollectGarbage => Ok(json(&engine.collect_garbage().await?)),
+        Request::AttachVolume { id, epoch } => {
+            let volume = engine.attach_volume(&id, epoch).await?;
+            context.volume_json(&volume)
+        }
+        Request::DetachVolume {
+            id,
+            timeout_seconds,
+        } => {
+            engine
+                .detach_volume(&id, Duration::from_secs(timeout_seconds))
+                .await?;
+            Ok(serde_json::Value::Null)
+        }
     }
 }
 
@@ -170,7 +239,7 @@ mod erased {
 }
 
 /// Serves the admin socket until the task is dropped.
-pub async fn serve(listener: UnixListener, engine: Arc<Engine>) {
+pub async fn serve(listener: UnixListener, context: Arc<AdminContext>) {
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -179,23 +248,23 @@ pub async fn serve(listener: UnixListener, engine: Arc<Engine>) {
                 continue;
             }
         };
-        let engine = engine.clone();
+        let context = context.clone();
         tokio::spawn(async move {
-            if let Err(error) = serve_connection(stream, &engine).await {
+            if let Err(error) = serve_connection(stream, &context).await {
                 tracing::debug!(%error, "admin connection ended");
             }
         });
     }
 }
 
-async fn serve_connection(stream: UnixStream, engine: &Engine) -> std::io::Result<()> {
+async fn serve_connection(stream: UnixStream, context: &AdminContext) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read).lines();
     while let Some(line) = lines.next_line().await? {
         let response = match serde_json::from_str::<Request>(&line) {
             Ok(request) => {
                 tracing::info!(?request, "admin request");
-                match handle(engine, request).await {
+                match handle(context, request).await {
                     Ok(value) => Response::Ok(value),
                     Err(error) => {
                         tracing::warn!(%error, cause = %blockgate_engine::error_chain(&error), "admin request failed");

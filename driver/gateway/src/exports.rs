@@ -1,4 +1,8 @@
 //! The gateway's volumes as NBD exports: each volume is an export named by its id.
+//!
+//! The export list is the engine's open volumes at the time of asking, so an attached volume
+//! is served at once and a detached one disappears; sessions already open on a detached
+//! volume get `ESHUTDOWN`.
 
 use std::sync::Arc;
 
@@ -62,9 +66,24 @@ struct VolumeDevice {
     volume: Arc<Volume>,
 }
 
+/// What kind of request failed: a fenced volume answers writes and reads differently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RequestKind {
+    Read,
+    /// Write, flush, trim, write-zeroes.
+    Modify,
+}
+
 /// Maps engine errors onto the errors NBD can express; the full cause is logged here since
 /// the client sees only an errno.
-fn to_nbd(volume: &str, error: EngineError) -> IoError {
+///
+/// A fenced volume (attached to a newer writer elsewhere) refuses every request. Writes,
+/// flushes and trims get `EPERM`: this gateway is no longer permitted to change the volume,
+/// which is permanent and says so, where `EIO` would invite a retry that can never succeed.
+/// Reads get `EIO`: `EPERM` on a read means nothing to clients (a kernel or qemu reports it as
+/// a read-only device, not as "this copy is stale"), and the data this gateway holds may be
+/// older than the volume's, so it must not be served.
+fn to_nbd(volume: &str, request: RequestKind, error: EngineError) -> IoError {
     tracing::warn!(volume, error = %error, cause = %error_chain(&error), "nbd request failed");
     match error {
         EngineError::OutOfRange { .. } | EngineError::InvalidArgument(_) => {
@@ -72,6 +91,9 @@ fn to_nbd(volume: &str, error: EngineError) -> IoError {
         }
         EngineError::LogDiskFull { .. } => IoError::NoSpace(error.to_string()),
         EngineError::Closed { .. } => IoError::ShuttingDown,
+        EngineError::Fenced { .. } if request == RequestKind::Modify => {
+            IoError::ReadOnly(error.to_string())
+        }
         other => IoError::Io(format!("{other}: {}", error_chain(&other))),
     }
 }
@@ -86,28 +108,28 @@ impl BlockDevice for VolumeDevice {
         self.volume
             .read(offset, length)
             .await
-            .map_err(|e| to_nbd(&self.volume.id, e))
+            .map_err(|e| to_nbd(&self.volume.id, RequestKind::Read, e))
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
         self.volume
             .write(offset, &data, fua)
             .await
-            .map_err(|e| to_nbd(&self.volume.id, e))
+            .map_err(|e| to_nbd(&self.volume.id, RequestKind::Modify, e))
     }
 
     async fn flush(&self) -> Result<(), IoError> {
         self.volume
             .flush()
             .await
-            .map_err(|e| to_nbd(&self.volume.id, e))
+            .map_err(|e| to_nbd(&self.volume.id, RequestKind::Modify, e))
     }
 
     async fn trim(&self, offset: u64, length: u32, fua: bool) -> Result<(), IoError> {
         self.volume
             .write_zeroes(offset, length, fua)
             .await
-            .map_err(|e| to_nbd(&self.volume.id, e))
+            .map_err(|e| to_nbd(&self.volume.id, RequestKind::Modify, e))
     }
 
     async fn write_zeroes(
@@ -121,6 +143,6 @@ impl BlockDevice for VolumeDevice {
         self.volume
             .write_zeroes(offset, length, fua)
             .await
-            .map_err(|e| to_nbd(&self.volume.id, e))
+            .map_err(|e| to_nbd(&self.volume.id, RequestKind::Modify, e))
     }
 }

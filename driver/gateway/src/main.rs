@@ -122,6 +122,11 @@ struct ServeArgs {
     /// Run garbage collection this often (0: only on request).
     #[arg(long, default_value_t = 600)]
     gc_interval_seconds: u64,
+    /// Managed mode: open only the volumes attached here before a restart, and take no volume
+    /// over by itself; the control plane attaches and detaches volumes (`volume attach`,
+    /// `volume detach`) with the writer epochs it hands out.
+    #[arg(long)]
+    attach_only: bool,
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -166,6 +171,25 @@ enum VolumeCommand {
     /// Make every acknowledged write of a volume durable.
     Flush {
         id: String,
+        #[command(flatten)]
+        data: DataDir,
+    },
+    /// Attach a volume to this gateway as its writer with the given epoch, and serve it.
+    Attach {
+        id: String,
+        /// Writer epoch from the control plane; older than the volume's current one is
+        /// refused.
+        #[arg(long)]
+        epoch: u64,
+        #[command(flatten)]
+        data: DataDir,
+    },
+    /// Upload everything a volume holds locally, then stop serving it and remove its local
+    /// state. Fails, leaving the volume attached, if that does not finish in time.
+    Detach {
+        id: String,
+        #[arg(long, default_value_t = admin::DEFAULT_DETACH_TIMEOUT_SECONDS)]
+        timeout_seconds: u64,
         #[command(flatten)]
         data: DataDir,
     },
@@ -326,6 +350,18 @@ async fn volume_command(command: VolumeCommand) -> anyhow::Result<()> {
         VolumeCommand::Expand { id, size, data } => (data, Request::ExpandVolume { id, size }),
         VolumeCommand::Delete { id, data } => (data, Request::DeleteVolume { id }),
         VolumeCommand::Flush { id, data } => (data, Request::FlushVolume { id }),
+        VolumeCommand::Attach { id, epoch, data } => (data, Request::AttachVolume { id, epoch }),
+        VolumeCommand::Detach {
+            id,
+            timeout_seconds,
+            data,
+        } => (
+            data,
+            Request::DetachVolume {
+                id,
+                timeout_seconds,
+            },
+        ),
     };
     print(admin::call(&data.admin_socket(), &request).await?)
 }
@@ -462,6 +498,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         upload_concurrency: args.upload_concurrency.max(1),
         seal_interval: Duration::from_millis(args.seal_interval_ms),
         gc_grace: Duration::from_secs(args.gc_grace_seconds),
+        attach_only: args.attach_only,
         ..EngineConfig::default()
     };
     tracing::info!(store = %store.describe(), data_dir = %data_dir.display(), "opening gateway state");
@@ -496,7 +533,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let admin_socket = data_dir.join("admin.sock");
     let admin_listener = bind_unix(&admin_socket).await?;
     let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(admin::serve(admin_listener, engine.clone())));
+    let admin_context = Arc::new(admin::AdminContext {
+        engine: engine.clone(),
+        nbd_socket: nbd_socket.clone(),
+    });
+    tasks.push(tokio::spawn(admin::serve(admin_listener, admin_context)));
     tasks.push(tokio::spawn(serve_nbd_unix(
         nbd_listener,
         exports.clone(),
@@ -556,13 +597,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     say(&format!("admin socket: {}", admin_socket.display()));
     for volume in engine.volumes() {
         say(&format!(
-            "export {}: nbd+unix:///{}?socket={}",
+            "export {}: {}",
             volume.id,
-            volume.id,
-            nbd_socket.display()
+            admin::export_uri(&volume.id, &nbd_socket)
         ));
     }
-    if engine.volumes().is_empty() {
+    if engine.volumes().is_empty() && args.attach_only {
+        say(&format!(
+            "no volumes attached yet: blockgate-gateway volume attach NAME --epoch N --data-dir {}",
+            data_dir.display()
+        ));
+    } else if engine.volumes().is_empty() {
         say(&format!(
             "no volumes yet: blockgate-gateway volume create NAME --size 1GiB --data-dir {}",
             data_dir.display()

@@ -105,6 +105,18 @@ pub fn render(engine: &Engine, gateway: &GatewayCounters) -> String {
         |v, s| u64::from(s.hydrated)
     );
     volume_metric!(
+        "blockgate_volume_writer_epoch",
+        "gauge",
+        "Writer epoch this gateway holds the volume with.",
+        |v, s| s.epoch
+    );
+    volume_metric!(
+        "blockgate_volume_fenced",
+        "gauge",
+        "1 when a newer writer holds the volume: this gateway uploads nothing and refuses requests.",
+        |v, s| u64::from(s.fenced)
+    );
+    volume_metric!(
         "blockgate_volume_reads_total",
         "counter",
         "Read requests.",

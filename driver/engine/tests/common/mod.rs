@@ -34,6 +34,7 @@ pub fn config() -> EngineConfig {
         max_retry_delay: Duration::from_millis(50),
         gc_grace: Duration::ZERO,
         block_size: 4096,
+        attach_only: false,
     }
 }
 
