@@ -610,7 +610,9 @@ impl Catalog {
     }
 
     /// Segments and checkpoints every snapshot needs, by volume.
-    async fn snapshot_references(&self) -> Result<HashMap<String, References>, EngineError> {
+    pub(crate) async fn snapshot_references(
+        &self,
+    ) -> Result<HashMap<String, References>, EngineError> {
         let mut references: HashMap<String, References> = HashMap::new();
         for object in blockgate_objstore::list_all(&*self.store, keys::SNAPSHOTS_PREFIX)
             .await
@@ -645,8 +647,18 @@ impl Catalog {
     /// once nothing else is left.
     async fn purge_deleted(&self, id: &str) -> Result<(), EngineError> {
         let references = self.snapshot_references().await?;
+        self.purge_deleted_with(id, &references).await.map(|_| ())
+    }
+
+    /// [`Catalog::purge_deleted`] with the snapshot references already gathered.
+    pub(crate) async fn purge_deleted_with(
+        &self,
+        id: &str,
+        references: &HashMap<String, References>,
+    ) -> Result<Purged, EngineError> {
         let empty = References::default();
         let referenced = references.get(id).unwrap_or(&empty);
+        let mut purged = Purged::default();
         let mut kept = 0u64;
         for name in remote::list_names(&*self.store, &keys::segments_prefix(id)).await? {
             if referenced.segments.contains(&name) {
@@ -655,6 +667,7 @@ impl Catalog {
             }
             self.delete(&keys::segment_key(id, name), "delete segment")
                 .await?;
+            purged.segments += 1;
         }
         for name in remote::list_names(&*self.store, &keys::checkpoints_prefix(id)).await? {
             if referenced.checkpoints.contains(&name) {
@@ -663,6 +676,7 @@ impl Catalog {
             }
             self.delete(&keys::checkpoint_key(id, name), "delete checkpoint")
                 .await?;
+            purged.checkpoints += 1;
         }
         if kept == 0 {
             for prefix in [keys::attachments_prefix(id), keys::readers_prefix(id)] {
@@ -676,9 +690,10 @@ impl Catalog {
             for key in [keys::descriptor_key(id), keys::tombstone_key(id)] {
                 self.delete(&key, "delete volume documents").await?;
             }
+            purged.volume_gone = true;
             tracing::info!(volume = %id, "deleted volume purged");
         }
-        Ok(())
+        Ok(purged)
     }
 
     async fn delete(&self, key: &str, operation: &'static str) -> Result<(), EngineError> {
@@ -859,8 +874,18 @@ impl Catalog {
     }
 }
 
+/// What the snapshots of one volume need kept.
 #[derive(Debug, Default)]
-struct References {
-    segments: HashSet<Name>,
-    checkpoints: HashSet<Name>,
+pub(crate) struct References {
+    pub(crate) segments: HashSet<Name>,
+    pub(crate) checkpoints: HashSet<Name>,
+}
+
+/// What purging a deleted volume removed.
+#[derive(Debug, Default)]
+pub(crate) struct Purged {
+    pub(crate) segments: u64,
+    pub(crate) checkpoints: u64,
+    /// Nothing was left, so the descriptor and tombstone went too.
+    pub(crate) volume_gone: bool,
 }

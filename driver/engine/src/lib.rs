@@ -20,7 +20,7 @@ use blockgate_blockstore::documents::{
     self, Mode, SnapshotManifest, Source, Tombstone, VolumeDescriptor,
 };
 use blockgate_blockstore::keys::{self, Name};
-use blockgate_objstore::{ObjectStore, ObjectStoreError};
+use blockgate_objstore::ObjectStore;
 use serde::Serialize;
 
 mod cache;
@@ -36,6 +36,7 @@ pub use config::EngineConfig;
 pub use error::{EngineError, error_chain};
 pub use volume::{Volume, VolumeCounters, VolumeStatus};
 
+use catalog::{Catalog, References};
 use remote::RemoteState;
 use volume::{LocalState, OpenParams};
 
@@ -99,6 +100,8 @@ pub struct GcReport {
 #[derive(Debug)]
 pub struct Engine {
     store: Arc<dyn ObjectStore>,
+    /// The bucket-level reads and deletes shared with the block-storage API.
+    catalog: Catalog,
     dir: PathBuf,
     config: Arc<EngineConfig>,
     volumes: Mutex<BTreeMap<String, Arc<Volume>>>,
@@ -138,6 +141,7 @@ impl Engine {
             });
         }
         let engine = Arc::new(Engine {
+            catalog: Catalog::new(store.clone(), config.block_size),
             store,
             dir: dir.to_path_buf(),
             config: Arc::new(config),
@@ -214,22 +218,11 @@ impl Engine {
     }
 
     async fn descriptor(&self, id: &str) -> Result<Option<VolumeDescriptor>, EngineError> {
-        let key = keys::descriptor_key(id);
-        match self.store.get(&key).await {
-            Ok(bytes) => documents::decode(&key, &bytes)
-                .map(Some)
-                .map_err(|source| EngineError::Corrupt { key, source }),
-            Err(ObjectStoreError::NotFound { .. }) => Ok(None),
-            Err(error) => Err(EngineError::store("read volume descriptor", error)),
-        }
+        self.catalog.descriptor(id).await
     }
 
     async fn is_tombstoned(&self, id: &str) -> Result<bool, EngineError> {
-        match self.store.get(&keys::tombstone_key(id)).await {
-            Ok(_) => Ok(true),
-            Err(ObjectStoreError::NotFound { .. }) => Ok(false),
-            Err(error) => Err(EngineError::store("read volume tombstone", error)),
-        }
+        self.catalog.is_tombstoned(id).await
     }
 
     /// Opens a volume: with local state, its write log replays on the bucket state; without,
@@ -760,15 +753,7 @@ impl Engine {
     }
 
     async fn manifest(&self, id: &str) -> Result<SnapshotManifest, EngineError> {
-        let key = keys::snapshot_key(id);
-        match self.store.get(&key).await {
-            Ok(bytes) => documents::decode(&key, &bytes)
-                .map_err(|source| EngineError::Corrupt { key, source }),
-            Err(ObjectStoreError::NotFound { .. }) => {
-                Err(EngineError::SnapshotNotFound { id: id.to_string() })
-            }
-            Err(error) => Err(EngineError::store("read snapshot manifest", error)),
-        }
+        self.catalog.manifest(id).await
     }
 
     async fn wait_manifest(
@@ -954,34 +939,7 @@ impl Engine {
 
     /// Segments and checkpoints any snapshot needs, by volume.
     async fn snapshot_references(&self) -> Result<HashMap<String, References>, EngineError> {
-        let mut references: HashMap<String, References> = HashMap::new();
-        for object in blockgate_objstore::list_all(&*self.store, keys::SNAPSHOTS_PREFIX)
-            .await
-            .map_err(|e| EngineError::store("list snapshots", e))?
-        {
-            let Some(id) = keys::snapshot_of_key(&object.key) else {
-                continue;
-            };
-            let manifest = match self.manifest(id).await {
-                Ok(manifest) => manifest,
-                Err(EngineError::SnapshotNotFound { .. }) => continue,
-                Err(error) => return Err(error),
-            };
-            let checkpoint =
-                remote::load_checkpoint(&*self.store, &manifest.volume, manifest.checkpoint.0)
-                    .await?;
-            let own = references.entry(manifest.volume.clone()).or_default();
-            own.checkpoints.insert(manifest.checkpoint.0);
-            own.segments.extend(manifest.segments.iter().map(|n| n.0));
-            for segment in checkpoint.segments {
-                references
-                    .entry(segment.volume.to_string())
-                    .or_default()
-                    .segments
-                    .insert(segment.name);
-            }
-        }
-        Ok(references)
+        self.catalog.snapshot_references().await
     }
 
     /// Deletes segments and checkpoints that no volume map and no snapshot references.
@@ -1076,38 +1034,10 @@ impl Engine {
         references: &HashMap<String, References>,
         report: &mut GcReport,
     ) -> Result<(), EngineError> {
-        let empty = References::default();
-        let referenced = references.get(id).unwrap_or(&empty);
-        let mut kept = 0u64;
-        for name in remote::list_names(&*self.store, &keys::segments_prefix(id)).await? {
-            if referenced.segments.contains(&name) {
-                kept += 1;
-                continue;
-            }
-            self.store
-                .delete(&keys::segment_key(id, name))
-                .await
-                .map_err(|e| EngineError::store("delete segment", e))?;
-            report.deleted_segments += 1;
-        }
-        for name in remote::list_names(&*self.store, &keys::checkpoints_prefix(id)).await? {
-            if referenced.checkpoints.contains(&name) {
-                kept += 1;
-                continue;
-            }
-            self.store
-                .delete(&keys::checkpoint_key(id, name))
-                .await
-                .map_err(|e| EngineError::store("delete checkpoint", e))?;
-            report.deleted_checkpoints += 1;
-        }
-        if kept == 0 {
-            for key in [keys::descriptor_key(id), keys::tombstone_key(id)] {
-                self.store
-                    .delete(&key)
-                    .await
-                    .map_err(|e| EngineError::store("delete volume documents", e))?;
-            }
+        let purged = self.catalog.purge_deleted_with(id, references).await?;
+        report.deleted_segments += purged.segments;
+        report.deleted_checkpoints += purged.checkpoints;
+        if purged.volume_gone {
             report.purged_volumes.push(id.to_string());
         }
         Ok(())
@@ -1128,12 +1058,6 @@ enum EpochGrant {
     Attached,
     /// `newest + 1`, derived from the bucket (standalone mode).
     Derived,
-}
-
-#[derive(Debug, Default)]
-struct References {
-    segments: HashSet<Name>,
-    checkpoints: HashSet<Name>,
 }
 
 fn source_spec(source: Option<&Source>) -> VolumeSource {
