@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use blockgate_blockstore_api::{AdminSocketGateways, State, server};
 use blockgate_engine::catalog::Catalog;
-use blockgate_objstore::{LocalDirStore, ObjectStore, S3Config, S3Store};
+use blockgate_objstore::{ObjectStore, StoreLocation};
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -82,22 +82,16 @@ fn init_logging(format: &str) {
 }
 
 async fn open_store(args: &ServeArgs) -> anyhow::Result<Arc<dyn ObjectStore>> {
-    if let Some(rest) = args.store.strip_prefix("s3://") {
-        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-        let mut config = S3Config::new(bucket);
-        config.prefix = prefix.trim_end_matches('/').to_string();
-        config.endpoint = args.s3_endpoint.clone();
-        config.region = args.s3_region.clone();
-        config.path_style = args.s3_path_style;
-        let store = S3Store::new(config)
-            .await
-            .context("cannot set up the S3 store")?;
-        return Ok(Arc::new(store));
+    StoreLocation {
+        location: args.store.clone(),
+        s3_endpoint: args.s3_endpoint.clone(),
+        s3_region: args.s3_region.clone(),
+        s3_path_style: args.s3_path_style,
+        s3_max_attempts: None,
     }
-    let path = args.store.strip_prefix("file://").unwrap_or(&args.store);
-    let store =
-        LocalDirStore::new(PathBuf::from(path)).context("cannot open the local object store")?;
-    Ok(Arc::new(store))
+    .open()
+    .await
+    .with_context(|| format!("cannot open the object store {}", args.store))
 }
 
 fn parse_gateways(flags: &[String]) -> anyhow::Result<HashMap<String, PathBuf>> {

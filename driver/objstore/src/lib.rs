@@ -138,3 +138,42 @@ pub async fn list_all(
         }
     }
 }
+
+/// Where a process's bucket is, as its command line gives it: `s3://bucket/prefix` with
+/// the S3 settings, or a local directory (`file://` optional).
+#[cfg(feature = "s3")]
+#[derive(Debug, Clone, Default)]
+pub struct StoreLocation {
+    pub location: String,
+    pub s3_endpoint: Option<String>,
+    pub s3_region: Option<String>,
+    pub s3_path_style: bool,
+    /// Attempts per S3 request; `None` keeps the store's default.
+    pub s3_max_attempts: Option<u32>,
+}
+
+#[cfg(feature = "s3")]
+impl StoreLocation {
+    /// Opens the store the location names.
+    pub async fn open(&self) -> Result<std::sync::Arc<dyn ObjectStore>, ObjectStoreError> {
+        if let Some(rest) = self.location.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            let mut config = S3Config::new(bucket);
+            config.prefix = prefix.trim_end_matches('/').to_string();
+            config.endpoint = self.s3_endpoint.clone();
+            config.region = self.s3_region.clone();
+            config.path_style = self.s3_path_style;
+            if let Some(attempts) = self.s3_max_attempts {
+                config.max_attempts = attempts;
+            }
+            return Ok(std::sync::Arc::new(S3Store::new(config).await?));
+        }
+        let path = self
+            .location
+            .strip_prefix("file://")
+            .unwrap_or(&self.location);
+        Ok(std::sync::Arc::new(LocalDirStore::new(
+            std::path::PathBuf::from(path),
+        )?))
+    }
+}
