@@ -2,19 +2,26 @@
 //!
 //! One binary per role set: `--mode controller` serves the CSI Identity, Controller and
 //! SnapshotMetadata services on a unix socket and maps them onto the block-storage API;
-//! `--mode node` is not built yet and says so.
+//! `--mode node` serves Identity and Node and attaches volumes through this node's gateway.
 
 mod blockstore;
 mod capability;
 mod capacity;
 mod controller;
 mod errors;
+#[cfg(test)]
+mod fixtures;
+mod gateway;
+mod host;
 mod identity;
+mod mount;
 mod naming;
+mod node;
 mod page_token;
 mod parameters;
 mod server;
 mod snapshot_metadata;
+mod staging;
 
 use std::path::PathBuf;
 
@@ -23,12 +30,14 @@ use clap::{Parser, ValueEnum};
 
 /// The CSI driver name the plugin reports unless told otherwise.
 const DEFAULT_DRIVER_NAME: &str = "blockgate.csi.io";
+/// Where the node plugin records staged volumes unless told otherwise.
+const DEFAULT_STATE_DIR: &str = "/var/lib/blockgate/csi";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Mode {
     /// The CSI Controller service (beside csi-provisioner, csi-snapshotter, csi-resizer).
     Controller,
-    /// The CSI Node service (a DaemonSet); not built yet.
+    /// The CSI Node service (a DaemonSet beside the node's gateway).
     Node,
 }
 
@@ -47,6 +56,19 @@ struct Args {
     /// The CSI driver name (the CSIDriver object's name).
     #[arg(long, default_value = DEFAULT_DRIVER_NAME)]
     driver_name: String,
+    /// Node mode: this node's id (the Kubernetes node name).
+    #[arg(long, env = "NODE_ID")]
+    node_id: Option<String>,
+    /// Node mode: the gateway's node API, `unix:///path/to/node.sock`.
+    #[arg(long, env = "BLOCKGATE_GATEWAY_ENDPOINT")]
+    gateway: Option<String>,
+    /// Node mode: where the plugin records staged volumes.
+    #[arg(long, default_value = DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// Node mode: NodeGetInfo's max_volumes_per_node; 0 means no limit (the gateway creates
+    /// nbd devices as it needs them).
+    #[arg(long, default_value_t = 0)]
+    max_volumes_per_node: i64,
 }
 
 /// `unix:///path` → `/path`; anything else is refused.
@@ -70,23 +92,36 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
 
-    match args.mode {
-        Mode::Node => bail!(
-            "--mode node: the blockgate CSI node plugin is not built yet; \
-             only --mode controller is available"
-        ),
-        Mode::Controller => {}
-    }
     let endpoint = unix_socket_path(&args.endpoint, "--endpoint")?;
-    let blockstore = args.blockstore.as_deref().context(
-        "--mode controller needs --blockstore unix:///path (or BLOCKGATE_BLOCKSTORE_ENDPOINT)",
-    )?;
-    let blockstore = unix_socket_path(blockstore, "--blockstore")?;
-
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the tokio runtime")?;
+    if args.mode == Mode::Node {
+        let node_id = args
+            .node_id
+            .filter(|id| !id.is_empty())
+            .context("--mode node needs --node-id (or NODE_ID)")?;
+        let gateway = args
+            .gateway
+            .as_deref()
+            .context("--mode node needs --gateway unix:///path (or BLOCKGATE_GATEWAY_ENDPOINT)")?;
+        if args.max_volumes_per_node < 0 {
+            bail!("--max-volumes-per-node must not be negative");
+        }
+        return runtime.block_on(server::serve_node(server::NodeConfig {
+            endpoint,
+            gateway: unix_socket_path(gateway, "--gateway")?,
+            node_id,
+            state_dir: args.state_dir,
+            max_volumes_per_node: args.max_volumes_per_node,
+            driver_name: args.driver_name,
+        }));
+    }
+    let blockstore = args.blockstore.as_deref().context(
+        "--mode controller needs --blockstore unix:///path (or BLOCKGATE_BLOCKSTORE_ENDPOINT)",
+    )?;
+    let blockstore = unix_socket_path(blockstore, "--blockstore")?;
     runtime.block_on(server::serve_controller(server::ControllerConfig {
         endpoint,
         blockstore,

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use blockgate_proto::csi::v1::{
-    controller_server::ControllerServer, identity_server::IdentityServer,
+    controller_server::ControllerServer, identity_server::IdentityServer, node_server::NodeServer,
     snapshot_metadata_server::SnapshotMetadataServer,
 };
 use tokio::net::UnixListener;
@@ -18,8 +18,12 @@ use tonic::transport::Server;
 
 use crate::blockstore::BlockStore;
 use crate::controller::Controller;
-use crate::identity::Identity;
+use crate::gateway::Gateway;
+use crate::host::LinuxHost;
+use crate::identity::{Identity, Role};
+use crate::node::Node;
 use crate::snapshot_metadata::SnapshotMetadata;
+use crate::staging::StateDir;
 
 #[derive(Debug)]
 pub struct ControllerConfig {
@@ -54,11 +58,72 @@ pub async fn serve_controller(config: ControllerConfig) -> anyhow::Result<()> {
     let served = Server::builder()
         .add_service(IdentityServer::new(Identity::new(
             config.driver_name,
-            blockstore.clone(),
+            Role::Controller(blockstore.clone()),
         )))
         .add_service(ControllerServer::new(Controller::new(blockstore.clone())))
         .add_service(SnapshotMetadataServer::new(SnapshotMetadata::new(
             blockstore,
+        )))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await;
+    remove_socket(&config.endpoint);
+    served.context("the CSI server failed")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+#[derive(Debug)]
+pub struct NodeConfig {
+    /// The CSI socket.
+    pub endpoint: PathBuf,
+    /// The gateway's node API socket.
+    pub gateway: PathBuf,
+    pub node_id: String,
+    pub state_dir: PathBuf,
+    pub max_volumes_per_node: i64,
+    pub driver_name: String,
+}
+
+/// Serves Identity and Node until a shutdown signal.
+pub async fn serve_node(config: NodeConfig) -> anyhow::Result<()> {
+    let mut terminate =
+        signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let mut interrupt =
+        signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+    std::fs::create_dir_all(&config.state_dir).with_context(|| {
+        format!(
+            "cannot create the state directory {}",
+            config.state_dir.display()
+        )
+    })?;
+    let listener = bind(&config.endpoint)?;
+    let gateway = Gateway::connect_lazy(config.gateway.clone());
+    tracing::info!(
+        endpoint = %config.endpoint.display(),
+        gateway = %config.gateway.display(),
+        node = %config.node_id,
+        state_dir = %config.state_dir.display(),
+        driver = %config.driver_name,
+        version = env!("CARGO_PKG_VERSION"),
+        "serving the CSI node plugin"
+    );
+    let shutdown = async move {
+        tokio::select! {
+            _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = interrupt.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+    };
+    let served = Server::builder()
+        .add_service(IdentityServer::new(Identity::new(
+            config.driver_name,
+            Role::Node(gateway.clone()),
+        )))
+        .add_service(NodeServer::new(Node::new(
+            config.node_id,
+            config.max_volumes_per_node,
+            gateway,
+            LinuxHost,
+            StateDir::new(config.state_dir),
         )))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await;
