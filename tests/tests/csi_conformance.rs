@@ -1350,7 +1350,7 @@ fn the_socket_is_replaced_when_stale_and_removed_on_sigterm() {
 }
 
 #[test]
-fn probe_is_not_ready_without_the_block_storage_api_and_node_mode_is_refused() {
+fn probe_is_not_ready_without_the_block_storage_api_and_node_mode_needs_a_node_id() {
     let dir = TestDir::new("csi-probe");
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -1382,5 +1382,5 @@ fn probe_is_not_ready_without_the_block_storage_api_and_node_mode_is_refused() {
         .expect("run blockgate-csi --mode node");
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("not built yet"), "{stderr}");
+    assert!(stderr.contains("node-id"), "{stderr}");
 }

@@ -60,6 +60,16 @@ impl Exports for VolumeExports {
     }
 }
 
+/// What an export of `volume` advertises (its transmission flags go to the kernel).
+pub fn device_info(volume: &Volume) -> ExportInfo {
+    info(volume)
+}
+
+/// A volume as a block device, for sessions that skip the handshake (the kernel's sockets).
+pub fn device(volume: Arc<Volume>) -> Arc<dyn BlockDevice> {
+    Arc::new(VolumeDevice { volume })
+}
+
 /// One volume behind an NBD session.
 #[derive(Debug)]
 struct VolumeDevice {

@@ -18,7 +18,9 @@ use tokio::net::UnixListener;
 
 mod admin;
 mod exports;
+mod kernel;
 mod metrics;
+mod node;
 
 use admin::Request;
 
@@ -50,6 +52,10 @@ impl DataDir {
     fn admin_socket(&self) -> PathBuf {
         self.data_dir.join("admin.sock")
     }
+
+    fn node_socket(&self) -> PathBuf {
+        self.data_dir.join("node.sock")
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -64,6 +70,55 @@ enum Command {
     Snapshot(SnapshotCommand),
     /// Delete bucket objects no volume or snapshot references.
     Gc(DataDir),
+    /// Attach volumes to this node as kernel block devices (`/dev/nbdN`), through the
+    /// gateway's node API (`<data-dir>/node.sock`, what the CSI node plugin uses).
+    #[command(subcommand)]
+    Node(NodeCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeCommand {
+    /// Open a volume as its writer with EPOCH and connect a kernel block device to it.
+    Attach {
+        id: String,
+        #[arg(long)]
+        epoch: u64,
+        /// Kernel connections (queues); 0: the gateway's default.
+        #[arg(long, default_value_t = 0)]
+        connections: u32,
+        #[arg(long)]
+        readonly: bool,
+        #[command(flatten)]
+        data: DataDir,
+    },
+    /// Upload everything, disconnect the device and close the volume here.
+    Detach {
+        id: String,
+        /// 0: the gateway's default (600 s).
+        #[arg(long, default_value_t = 0)]
+        timeout_seconds: u32,
+        #[command(flatten)]
+        data: DataDir,
+    },
+    /// List the attachments of this node.
+    List {
+        #[command(flatten)]
+        data: DataDir,
+    },
+    /// Grow an attached volume; the device sees the new size at once.
+    Expand {
+        id: String,
+        #[arg(value_parser = parse_size)]
+        size: u64,
+        #[command(flatten)]
+        data: DataDir,
+    },
+    /// Size, epoch, upload backlog and condition of an attached volume.
+    Stats {
+        id: String,
+        #[command(flatten)]
+        data: DataDir,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -127,6 +182,17 @@ struct ServeArgs {
     /// `volume detach`) with the writer epochs it hands out.
     #[arg(long)]
     attach_only: bool,
+    /// Kernel connections per attached device when the attach request does not say.
+    #[arg(long, default_value_t = node::DEFAULT_CONNECTIONS)]
+    nbd_connections: u32,
+    /// Seconds before the kernel gives up on one request of an attached device, drops that
+    /// connection and resends the request on another (0: the kernel's default of 30 s).
+    #[arg(long, default_value_t = 0)]
+    nbd_request_timeout_seconds: u64,
+    /// Seconds an attached device holds its I/O while this gateway is gone (a crash or a
+    /// restart), waiting for it to come back, before failing the I/O.
+    #[arg(long, default_value_t = 120)]
+    nbd_dead_connection_timeout_seconds: u64,
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -303,7 +369,95 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Gc(data) => {
             print(admin::call(&data.admin_socket(), &Request::CollectGarbage).await?)
         }
+        Command::Node(command) => node_command(command).await,
     }
+}
+
+async fn node_command(command: NodeCommand) -> anyhow::Result<()> {
+    use blockgate_proto::gateway::v1 as proto;
+    let data = match &command {
+        NodeCommand::Attach { data, .. }
+        | NodeCommand::Detach { data, .. }
+        | NodeCommand::List { data }
+        | NodeCommand::Expand { data, .. }
+        | NodeCommand::Stats { data, .. } => data.clone(),
+    };
+    let socket = data.node_socket();
+    let mut client = node::connect(&socket).await.with_context(|| {
+        format!(
+            "cannot reach the gateway's node API {} (is `blockgate-gateway serve` running with this --data-dir?)",
+            socket.display()
+        )
+    })?;
+    let failed =
+        |status: tonic::Status| anyhow::anyhow!("{:?}: {}", status.code(), status.message());
+    let value = match command {
+        NodeCommand::Attach {
+            id,
+            epoch,
+            connections,
+            readonly,
+            ..
+        } => {
+            let request = proto::AttachVolumeRequest {
+                volume_id: id,
+                epoch,
+                readonly,
+                connections,
+            };
+            node::attachment_json(
+                &client
+                    .attach_volume(request)
+                    .await
+                    .map_err(failed)?
+                    .into_inner(),
+            )
+        }
+        NodeCommand::Detach {
+            id,
+            timeout_seconds,
+            ..
+        } => {
+            let request = proto::DetachVolumeRequest {
+                volume_id: id,
+                timeout_seconds,
+            };
+            client.detach_volume(request).await.map_err(failed)?;
+            serde_json::Value::Null
+        }
+        NodeCommand::List { .. } => {
+            let list = client
+                .list_attachments(proto::ListAttachmentsRequest {})
+                .await
+                .map_err(failed)?
+                .into_inner();
+            serde_json::Value::Array(list.attachments.iter().map(node::attachment_json).collect())
+        }
+        NodeCommand::Expand { id, size, .. } => {
+            let request = proto::ExpandVolumeRequest {
+                volume_id: id,
+                size_bytes: size,
+            };
+            node::attachment_json(
+                &client
+                    .expand_volume(request)
+                    .await
+                    .map_err(failed)?
+                    .into_inner(),
+            )
+        }
+        NodeCommand::Stats { id, .. } => {
+            let request = proto::GetVolumeStatsRequest { volume_id: id };
+            node::stats_json(
+                &client
+                    .get_volume_stats(request)
+                    .await
+                    .map_err(failed)?
+                    .into_inner(),
+            )
+        }
+    };
+    print(value)
 }
 
 fn print(value: serde_json::Value) -> anyhow::Result<()> {
@@ -532,12 +686,37 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let nbd_listener = bind_unix(&nbd_socket).await?;
     let admin_socket = data_dir.join("admin.sock");
     let admin_listener = bind_unix(&admin_socket).await?;
+    let node_config = node::NodeConfig {
+        default_connections: args.nbd_connections.clamp(1, node::MAX_CONNECTIONS),
+        request_timeout_seconds: args.nbd_request_timeout_seconds,
+        dead_connection_timeout_seconds: args.nbd_dead_connection_timeout_seconds,
+        ..node::NodeConfig::new(&data_dir)
+    };
+    let node = node::Node::new(
+        engine.clone(),
+        Arc::new(kernel::NetlinkDevices),
+        node_config,
+    );
+    // Before the socket opens: a node request must not race the devices coming back.
+    if let Err(error) = node.recover().await {
+        tracing::error!(%error, cause = %blockgate_engine::error_chain(&error), "cannot restore the node's attachments");
+    }
+    let node_socket = data_dir.join("node.sock");
+    let node_listener = bind_unix(&node_socket).await?;
     let mut tasks = Vec::new();
     let admin_context = Arc::new(admin::AdminContext {
         engine: engine.clone(),
         nbd_socket: nbd_socket.clone(),
     });
     tasks.push(tokio::spawn(admin::serve(admin_listener, admin_context)));
+    {
+        let node = node.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(error) = node::serve(node_listener, node, std::future::pending()).await {
+                tracing::error!(%error, "node API server failed");
+            }
+        }));
+    }
     tasks.push(tokio::spawn(serve_nbd_unix(
         nbd_listener,
         exports.clone(),
@@ -595,6 +774,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         data_dir.display()
     ));
     say(&format!("admin socket: {}", admin_socket.display()));
+    say(&format!("node socket: {}", node_socket.display()));
     for volume in engine.volumes() {
         say(&format!(
             "export {}: {}",
@@ -620,9 +800,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     for task in tasks {
         task.abort();
     }
+    // The kernel devices stay: their connections close before the volumes do, so the kernel
+    // holds their I/O (and resends what was in flight) for the next start to reconnect,
+    // instead of failing it.
+    node.suspend().await;
     engine.shutdown().await;
     let _ = std::fs::remove_file(&nbd_socket);
     let _ = std::fs::remove_file(&admin_socket);
+    let _ = std::fs::remove_file(&node_socket);
     Ok(())
 }
 

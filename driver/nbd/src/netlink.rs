@@ -6,6 +6,17 @@
 //! buffers and never panic on any input); [`NbdNetlink`] is the small blocking client that
 //! sends them over a `NETLINK_GENERIC` socket. Nothing here shells out to `nbd-client`.
 //!
+//! Kernel semantics this relies on (`drivers/block/nbd.c`, Linux 5.10 to 6.12):
+//! - `NBD_CMD_CONNECT` without `NBD_ATTR_INDEX` takes an unconfigured device or adds a new
+//!   one, and answers with a message carrying `NBD_ATTR_INDEX` before the acknowledgement.
+//!   With an index, a configured device is `EBUSY`. Size and sockets are required.
+//! - `NBD_CMD_RECONFIGURE` needs a configured device (else `EINVAL`), the same backend
+//!   identifier the device was connected with, and puts each socket in place of a dead
+//!   connection; it also takes `NBD_ATTR_SIZE_BYTES` and resizes the device online.
+//! - `NBD_CMD_STATUS` answers with one message holding `NBD_ATTR_DEVICE_LIST`; an unknown
+//!   index gives an empty list.
+//! - `NBD_CMD_DISCONNECT` of an unconfigured device succeeds; of an unknown index, `EINVAL`.
+//!
 //! Netlink attributes are in host byte order; this module is Linux-only in practice, and
 //! builds anywhere (the client fails cleanly where netlink does not exist).
 
@@ -100,6 +111,9 @@ pub struct ConnectRequest {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeviceStatus {
     pub index: u32,
+    /// The device has a configuration (`config_refs > 0` in the kernel): it is connected, or
+    /// its connections died and it waits (up to the dead-connection timeout, and after it,
+    /// failing requests) for a reconfigure or a disconnect. Not whether a socket is alive.
     pub connected: bool,
 }
 
@@ -221,11 +235,37 @@ pub fn encode_connect(family: u16, seq: u32, request: &ConnectRequest) -> Vec<u8
     )
 }
 
-/// `NBD_CMD_RECONFIGURE`: give a connected (or dead-connection waiting) device new sockets.
-pub fn encode_reconfigure(family: u16, seq: u32, index: u32, sockets: &[RawFd]) -> Vec<u8> {
+/// What to change of a connected device with `NBD_CMD_RECONFIGURE`.
+///
+/// Linux (since 5.10, `drivers/block/nbd.c`) refuses to reconfigure a device that was
+/// connected with a backend identifier unless the same identifier is given again ("must
+/// specify backend"), so `backend` must repeat what [`ConnectRequest::backend`] said.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReconfigureRequest {
+    pub index: u32,
+    pub backend: Option<String>,
+    /// A new size: the kernel resizes the device online (`nbd_genl_size_set`, then
+    /// `set_capacity_and_notify`), so a mounted file system can grow into it.
+    pub size: Option<u64>,
+    /// Sockets replacing dead connections. The kernel puts each in the place of a connection
+    /// marked dead and silently drops (closes) the rest when none is dead (`-ENOSPC`, which it
+    /// reports as success).
+    pub sockets: Vec<RawFd>,
+}
+
+/// `NBD_CMD_RECONFIGURE`: new sockets for dead connections, and/or a new size.
+pub fn encode_reconfigure(family: u16, seq: u32, request: &ReconfigureRequest) -> Vec<u8> {
     let mut attributes = Attributes::new();
-    attributes.u32(NBD_ATTR_INDEX, index);
-    attributes.nested(NBD_ATTR_SOCKETS, socket_list(sockets));
+    attributes.u32(NBD_ATTR_INDEX, request.index);
+    if let Some(backend) = &request.backend {
+        attributes.string(NBD_ATTR_BACKEND_IDENTIFIER, backend);
+    }
+    if let Some(size) = request.size {
+        attributes.u64(NBD_ATTR_SIZE_BYTES, size);
+    }
+    if !request.sockets.is_empty() {
+        attributes.nested(NBD_ATTR_SOCKETS, socket_list(&request.sockets));
+    }
     message(
         family,
         NLM_F_REQUEST | NLM_F_ACK,
@@ -528,14 +568,31 @@ impl NbdNetlink {
             .ok_or(NetlinkError::MissingAttribute("NBD_CMD_CONNECT"))
     }
 
-    /// Gives a device new sockets (after the process serving the old ones restarted).
-    pub fn reconfigure(&mut self, index: u32, sockets: &[RawFd]) -> Result<(), NetlinkError> {
+    /// Gives a device new sockets (after the process serving the old ones restarted), and/or
+    /// a new size. The kernel accepts this only while the device is configured (connected,
+    /// or waiting on dead connections): `EINVAL` otherwise.
+    pub fn reconfigure(&mut self, request: &ReconfigureRequest) -> Result<(), NetlinkError> {
         let seq = self.next_seq();
         self.exchange(
-            &encode_reconfigure(self.family, seq, index, sockets),
+            &encode_reconfigure(self.family, seq, request),
             "NBD_CMD_RECONFIGURE",
         )
         .map(|_| ())
+    }
+
+    /// Sets the size of a connected device online (a reconfigure with only the size).
+    pub fn resize(
+        &mut self,
+        index: u32,
+        backend: Option<&str>,
+        size: u64,
+    ) -> Result<(), NetlinkError> {
+        self.reconfigure(&ReconfigureRequest {
+            index,
+            backend: backend.map(str::to_string),
+            size: Some(size),
+            sockets: Vec::new(),
+        })
     }
 
     pub fn disconnect(&mut self, index: u32) -> Result<(), NetlinkError> {
@@ -616,6 +673,68 @@ mod tests {
             })
             .collect();
         assert_eq!(fds, vec![7, 9]);
+    }
+
+    #[test]
+    fn reconfigure_repeats_the_backend_and_may_resize() {
+        let request = ReconfigureRequest {
+            index: 3,
+            backend: Some("blockgate:vol".into()),
+            size: Some(2 << 30),
+            sockets: vec![11],
+        };
+        let Message::Generic {
+            command,
+            attributes,
+            ..
+        } = &parse(&encode_reconfigure(0x22, 6, &request)).unwrap()[0]
+        else {
+            panic!()
+        };
+        assert_eq!(*command, NBD_CMD_RECONFIGURE);
+        assert_eq!(
+            read_u32(attribute(attributes, NBD_ATTR_INDEX).unwrap(), 0),
+            Some(3)
+        );
+        assert_eq!(
+            attribute(attributes, NBD_ATTR_BACKEND_IDENTIFIER).unwrap(),
+            b"blockgate:vol\0"
+        );
+        assert_eq!(
+            attribute(attributes, NBD_ATTR_SIZE_BYTES).unwrap(),
+            (2u64 << 30).to_ne_bytes()
+        );
+        assert!(attribute(attributes, NBD_ATTR_SOCKETS).is_some());
+
+        let resize_only = ReconfigureRequest {
+            index: 3,
+            size: Some(4096),
+            ..ReconfigureRequest::default()
+        };
+        let Message::Generic { attributes, .. } =
+            &parse(&encode_reconfigure(0x22, 7, &resize_only)).unwrap()[0]
+        else {
+            panic!()
+        };
+        assert!(
+            attribute(attributes, NBD_ATTR_SOCKETS).is_none(),
+            "no empty socket list"
+        );
+        assert!(attribute(attributes, NBD_ATTR_BACKEND_IDENTIFIER).is_none());
+    }
+
+    #[test]
+    fn connect_reply_carries_the_index() {
+        let mut top = Attributes::new();
+        top.u32(NBD_ATTR_INDEX, 5);
+        let reply = generic_reply(9, NBD_CMD_CONNECT, top);
+        let Message::Generic { attributes, .. } = &parse(&reply).unwrap()[0] else {
+            panic!()
+        };
+        assert_eq!(
+            attribute(attributes, NBD_ATTR_INDEX).and_then(|p| read_u32(p, 0)),
+            Some(5)
+        );
     }
 
     #[test]
