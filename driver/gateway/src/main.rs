@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use blockgate_blockstore::documents::Mode;
 use blockgate_engine::{Engine, EngineConfig, VolumeSource, VolumeSpec};
-use blockgate_objstore::{LocalDirStore, ObjectStore, S3Config, S3Store};
+use blockgate_objstore::{ObjectStore, StoreLocation};
 use clap::{Args, Parser, Subcommand};
 use tokio::net::UnixListener;
 
@@ -591,23 +591,16 @@ async fn open_store(args: &ServeArgs) -> anyhow::Result<Arc<dyn ObjectStore>> {
         .store
         .clone()
         .unwrap_or_else(|| default.display().to_string());
-    if let Some(rest) = location.strip_prefix("s3://") {
-        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-        let mut config = S3Config::new(bucket);
-        config.prefix = prefix.trim_end_matches('/').to_string();
-        config.endpoint = args.s3_endpoint.clone();
-        config.region = args.s3_region.clone();
-        config.path_style = args.s3_path_style;
-        config.max_attempts = args.s3_max_attempts;
-        let store = S3Store::new(config)
-            .await
-            .context("cannot set up the S3 store")?;
-        return Ok(Arc::new(store));
+    StoreLocation {
+        location: location.clone(),
+        s3_endpoint: args.s3_endpoint.clone(),
+        s3_region: args.s3_region.clone(),
+        s3_path_style: args.s3_path_style,
+        s3_max_attempts: Some(args.s3_max_attempts),
     }
-    let path = location.strip_prefix("file://").unwrap_or(&location);
-    let store =
-        LocalDirStore::new(PathBuf::from(path)).context("cannot open the local object store")?;
-    Ok(Arc::new(store))
+    .open()
+    .await
+    .with_context(|| format!("cannot open the object store {location}"))
 }
 
 /// Binds a unix socket, replacing a stale one left by a gateway that is gone.
