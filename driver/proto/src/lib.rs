@@ -25,3 +25,10 @@ pub mod gateway {
         include!("gen/blockgate.gateway.v1.rs");
     }
 }
+
+/// The control channel between gateways and the operator.
+pub mod control {
+    pub mod v1 {
+        include!("gen/blockgate.control.v1.rs");
+    }
+}

@@ -7,10 +7,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 
-const FILES: [&str; 3] = [
+const FILES: [&str; 4] = [
     "csi/csi.proto",
     "blockgate/blockstore.proto",
     "blockgate/gateway.proto",
+    "blockgate/control.proto",
 ];
 
 fn generate(protos: &Path, out: &Path) -> anyhow::Result<()> {
