@@ -20,6 +20,9 @@ fn generate(protos: &Path, out: &Path) -> anyhow::Result<()> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        // Clients are built from a Channel (`new`); a generated `connect` constructor would
+        // clash with the control channel's `Connect` rpc.
+        .build_transport(false)
         .emit_rerun_if_changed(false)
         .out_dir(out)
         .compile_fds(descriptors)

@@ -415,17 +415,6 @@ pub mod block_store_client {
     pub struct BlockStoreClient<T> {
         inner: tonic::client::Grpc<T>,
     }
-    impl BlockStoreClient<tonic::transport::Channel> {
-        /// Attempt to create a new client by connecting to a given endpoint.
-        pub async fn connect<D>(dst: D) -> Result<Self, tonic::transport::Error>
-        where
-            D: TryInto<tonic::transport::Endpoint>,
-            D::Error: Into<StdError>,
-        {
-            let conn = tonic::transport::Endpoint::new(dst)?.connect().await?;
-            Ok(Self::new(conn))
-        }
-    }
     impl<T> BlockStoreClient<T>
     where
         T: tonic::client::GrpcService<tonic::body::Body>,
@@ -1648,17 +1637,6 @@ pub mod block_data_client {
     #[derive(Debug, Clone)]
     pub struct BlockDataClient<T> {
         inner: tonic::client::Grpc<T>,
-    }
-    impl BlockDataClient<tonic::transport::Channel> {
-        /// Attempt to create a new client by connecting to a given endpoint.
-        pub async fn connect<D>(dst: D) -> Result<Self, tonic::transport::Error>
-        where
-            D: TryInto<tonic::transport::Endpoint>,
-            D::Error: Into<StdError>,
-        {
-            let conn = tonic::transport::Endpoint::new(dst)?.connect().await?;
-            Ok(Self::new(conn))
-        }
     }
     impl<T> BlockDataClient<T>
     where

@@ -1123,17 +1123,6 @@ pub mod identity_client {
     pub struct IdentityClient<T> {
         inner: tonic::client::Grpc<T>,
     }
-    impl IdentityClient<tonic::transport::Channel> {
-        /// Attempt to create a new client by connecting to a given endpoint.
-        pub async fn connect<D>(dst: D) -> Result<Self, tonic::transport::Error>
-        where
-            D: TryInto<tonic::transport::Endpoint>,
-            D::Error: Into<StdError>,
-        {
-            let conn = tonic::transport::Endpoint::new(dst)?.connect().await?;
-            Ok(Self::new(conn))
-        }
-    }
     impl<T> IdentityClient<T>
     where
         T: tonic::client::GrpcService<tonic::body::Body>,
@@ -1563,17 +1552,6 @@ pub mod controller_client {
     #[derive(Debug, Clone)]
     pub struct ControllerClient<T> {
         inner: tonic::client::Grpc<T>,
-    }
-    impl ControllerClient<tonic::transport::Channel> {
-        /// Attempt to create a new client by connecting to a given endpoint.
-        pub async fn connect<D>(dst: D) -> Result<Self, tonic::transport::Error>
-        where
-            D: TryInto<tonic::transport::Endpoint>,
-            D::Error: Into<StdError>,
-        {
-            let conn = tonic::transport::Endpoint::new(dst)?.connect().await?;
-            Ok(Self::new(conn))
-        }
     }
     impl<T> ControllerClient<T>
     where
@@ -2963,17 +2941,6 @@ pub mod node_client {
     pub struct NodeClient<T> {
         inner: tonic::client::Grpc<T>,
     }
-    impl NodeClient<tonic::transport::Channel> {
-        /// Attempt to create a new client by connecting to a given endpoint.
-        pub async fn connect<D>(dst: D) -> Result<Self, tonic::transport::Error>
-        where
-            D: TryInto<tonic::transport::Endpoint>,
-            D::Error: Into<StdError>,
-        {
-            let conn = tonic::transport::Endpoint::new(dst)?.connect().await?;
-            Ok(Self::new(conn))
-        }
-    }
     impl<T> NodeClient<T>
     where
         T: tonic::client::GrpcService<tonic::body::Body>,
@@ -3789,17 +3756,6 @@ pub mod snapshot_metadata_client {
     #[derive(Debug, Clone)]
     pub struct SnapshotMetadataClient<T> {
         inner: tonic::client::Grpc<T>,
-    }
-    impl SnapshotMetadataClient<tonic::transport::Channel> {
-        /// Attempt to create a new client by connecting to a given endpoint.
-        pub async fn connect<D>(dst: D) -> Result<Self, tonic::transport::Error>
-        where
-            D: TryInto<tonic::transport::Endpoint>,
-            D::Error: Into<StdError>,
-        {
-            let conn = tonic::transport::Endpoint::new(dst)?.connect().await?;
-            Ok(Self::new(conn))
-        }
     }
     impl<T> SnapshotMetadataClient<T>
     where
