@@ -21,6 +21,7 @@ mod exports;
 mod kernel;
 mod metrics;
 mod node;
+mod reader;
 
 use admin::Request;
 

@@ -30,6 +30,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Code, Request, Response, Status};
 
 use crate::kernel::{DeviceConfig, DeviceState, KernelDevices, KernelError};
+use crate::reader::ReaderVolume;
 
 /// Kernel connections per device when the request says 0.
 pub const DEFAULT_CONNECTIONS: u32 = 2;
@@ -89,10 +90,8 @@ struct StateFile {
 pub enum NodeError {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
-    #[error(
-        "read-only attachments are not implemented: the engine opens a volume only as its writer"
-    )]
-    ReadOnlyUnsupported,
+    #[error("volume {volume}: {reason}")]
+    ReadOnlyConflict { volume: String, reason: String },
     #[error("volume {volume} is not attached here")]
     NotAttached { volume: String },
     #[error("volume {volume}")]
@@ -127,7 +126,7 @@ impl NodeError {
     pub fn code(&self) -> Code {
         match self {
             NodeError::InvalidArgument(_) => Code::InvalidArgument,
-            NodeError::ReadOnlyUnsupported => Code::Unimplemented,
+            NodeError::ReadOnlyConflict { .. } => Code::FailedPrecondition,
             NodeError::NotAttached { .. } => Code::NotFound,
             NodeError::Engine { source, .. } => engine_code(source),
             NodeError::Kernel { source, .. } => kernel_code(source),
@@ -233,20 +232,67 @@ struct Attached {
     /// The kernel refused to take new sockets for the device: nothing is repaired until an
     /// attach reconnects it.
     device_lost: bool,
+    /// For a read-only attachment, what its device serves.
+    reader: Option<Arc<ReaderVolume>>,
+}
+
+/// What a kernel device of an attachment serves: the volume's writer (the engine's open
+/// volume) or a reader of its bucket state.
+#[derive(Debug, Clone)]
+enum Served {
+    Writer(Arc<Volume>),
+    Reader(Arc<ReaderVolume>),
+}
+
+impl Served {
+    fn id(&self) -> &str {
+        match self {
+            Served::Writer(volume) => &volume.id,
+            Served::Reader(reader) => &reader.id,
+        }
+    }
+
+    fn size(&self) -> u64 {
+        match self {
+            Served::Writer(volume) => volume.size(),
+            Served::Reader(reader) => reader.size(),
+        }
+    }
+
+    fn block_size(&self) -> u32 {
+        match self {
+            Served::Writer(volume) => volume.block_size,
+            Served::Reader(reader) => reader.block_size,
+        }
+    }
+
+    fn info(&self) -> blockgate_nbd::ExportInfo {
+        match self {
+            Served::Writer(volume) => crate::exports::device_info(volume),
+            Served::Reader(reader) => reader.info(),
+        }
+    }
+
+    fn device(&self) -> Arc<dyn blockgate_nbd::BlockDevice> {
+        match self {
+            Served::Writer(volume) => crate::exports::device(volume.clone()),
+            Served::Reader(reader) => reader.device(),
+        }
+    }
 }
 
 /// What an attach, expand or list answers.
 fn attachment(
     record: &AttachmentRecord,
-    volume: Option<&Volume>,
+    served: Option<&Served>,
     device: &Path,
 ) -> proto::Attachment {
     proto::Attachment {
         volume_id: record.volume.clone(),
         epoch: record.epoch,
         device_path: device.display().to_string(),
-        size_bytes: volume.map_or(0, Volume::size),
-        block_size: volume.map_or(4096, |v| v.block_size),
+        size_bytes: served.map_or(0, Served::size),
+        block_size: served.map_or(4096, Served::block_size),
         readonly: record.readonly,
         frontend: "nbd".to_string(),
         connections: record.connections,
@@ -306,14 +352,20 @@ impl Node {
         if attached.engine_detached || attached.device_lost || missing == 0 {
             return;
         }
-        let Ok(volume) = self.engine.volume(volume_id) else {
-            return;
+        let served = match &attached.reader {
+            Some(reader) => Served::Reader(reader.clone()),
+            None => {
+                let Ok(volume) = self.engine.volume(volume_id) else {
+                    return;
+                };
+                if volume.epoch() != attached.record.epoch {
+                    return;
+                }
+                Served::Writer(volume)
+            }
         };
-        if volume.epoch() != attached.record.epoch {
-            return;
-        }
         let count = u32::try_from(missing).unwrap_or(attached.record.connections);
-        let sockets = match self.serve_sockets(&volume, count, &mut attached.sessions) {
+        let sockets = match self.serve_sockets(&served, count, &mut attached.sessions) {
             Ok(sockets) => sockets,
             Err(error) => {
                 tracing::error!(volume = %volume_id, %error, cause = %error_chain(&error), "cannot create sockets to repair the kernel device");
@@ -340,15 +392,14 @@ impl Node {
         format!("blockgate:{volume}")
     }
 
-    fn device_config(&self, volume: &Volume) -> DeviceConfig {
-        let device = crate::exports::device_info(volume);
+    fn device_config(&self, served: &Served) -> DeviceConfig {
         DeviceConfig {
-            size: volume.size(),
-            block_size: volume.block_size,
-            server_flags: device.transmission_flags(),
+            size: served.size(),
+            block_size: served.block_size(),
+            server_flags: served.info().transmission_flags(),
             request_timeout_seconds: self.config.request_timeout_seconds,
             dead_connection_timeout_seconds: self.config.dead_connection_timeout_seconds,
-            backend: Node::backend(&volume.id),
+            backend: Node::backend(served.id()),
         }
     }
 
@@ -356,7 +407,7 @@ impl Node {
     /// `sessions`, and returns the other ends for the kernel.
     fn serve_sockets(
         &self,
-        volume: &Arc<Volume>,
+        served: &Served,
         count: u32,
         sessions: &mut Sessions,
     ) -> Result<Vec<OwnedFd>, NodeError> {
@@ -372,9 +423,9 @@ impl Node {
             ours.push(stream);
         }
         for stream in ours {
-            let device = crate::exports::device(volume.clone());
+            let device = served.device();
             let live = LiveSession::new(sessions.live.clone());
-            let id = volume.id.clone();
+            let id = served.id().to_string();
             let repairs = self.repairs.clone();
             sessions.tasks.push(tokio::spawn(async move {
                 let options = blockgate_nbd::ServeOptions {
@@ -400,12 +451,12 @@ impl Node {
     /// index when it is free). Returns the sessions and the device index.
     async fn connect_device(
         &self,
-        volume: &Arc<Volume>,
+        served: &Served,
         connections: u32,
         recorded: Option<u32>,
     ) -> Result<(u32, Sessions), NodeError> {
         let kernel_error = |source| NodeError::Kernel {
-            volume: volume.id.clone(),
+            volume: served.id().to_string(),
             source,
         };
         if let Some(index) = recorded
@@ -413,14 +464,14 @@ impl Node {
                 == Some(DeviceState::Configured)
         {
             let mut sessions = Sessions::default();
-            let sockets = self.serve_sockets(volume, connections, &mut sessions)?;
+            let sockets = self.serve_sockets(served, connections, &mut sessions)?;
             match self
                 .kernel
-                .reconfigure(index, &Node::backend(&volume.id), sockets)
+                .reconfigure(index, &Node::backend(served.id()), sockets)
                 .await
             {
                 Ok(()) => {
-                    tracing::info!(volume = %volume.id, index, "kernel device reconnected to this gateway");
+                    tracing::info!(volume = %served.id(), index, "kernel device reconnected to this gateway");
                     return Ok((index, sessions));
                 }
                 Err(error) => {
@@ -430,12 +481,12 @@ impl Node {
             }
         }
         let mut sessions = Sessions::default();
-        let sockets = self.serve_sockets(volume, connections, &mut sessions)?;
-        let config = self.device_config(volume);
+        let sockets = self.serve_sockets(served, connections, &mut sessions)?;
+        let config = self.device_config(served);
         match self.kernel.connect(&config, recorded, sockets).await {
             Ok(index) => {
                 if recorded.is_some() {
-                    tracing::warn!(volume = %volume.id, index, "the kernel no longer had the device; connected it anew");
+                    tracing::warn!(volume = %served.id(), index, "the kernel no longer had the device; connected it anew");
                 }
                 Ok((index, sessions))
             }
@@ -444,13 +495,13 @@ impl Node {
                 // though whoever mounted the old path must look again.
                 sessions.stop().await;
                 let mut sessions = Sessions::default();
-                let sockets = self.serve_sockets(volume, connections, &mut sessions)?;
+                let sockets = self.serve_sockets(served, connections, &mut sessions)?;
                 let index = self
                     .kernel
                     .connect(&config, None, sockets)
                     .await
                     .map_err(kernel_error)?;
-                tracing::error!(volume = %volume.id, old_index = ?recorded, index, "the recorded nbd device is in use by something else: the volume is now on another device");
+                tracing::error!(volume = %served.id(), old_index = ?recorded, index, "the recorded nbd device is in use by something else: the volume is now on another device");
                 Ok((index, sessions))
             }
             Err(error) => {
@@ -513,12 +564,30 @@ impl Node {
                 sessions: Sessions::default(),
                 engine_detached: false,
                 device_lost: false,
+                reader: None,
             };
-            match self.engine.attach_volume(&id, attached.record.epoch).await {
-                Ok(volume) => {
+            let opened = if attached.record.readonly {
+                ReaderVolume::open(
+                    self.engine.store().clone(),
+                    self.engine.config().block_size,
+                    &id,
+                )
+                .await
+                .map(|reader| {
+                    attached.reader = Some(reader.clone());
+                    Served::Reader(reader)
+                })
+            } else {
+                self.engine
+                    .attach_volume(&id, attached.record.epoch)
+                    .await
+                    .map(Served::Writer)
+            };
+            match opened {
+                Ok(served) => {
                     match self
                         .connect_device(
-                            &volume,
+                            &served,
                             attached.record.connections,
                             Some(attached.record.index),
                         )
@@ -562,9 +631,6 @@ impl Node {
                 "volume_id is required".to_string(),
             ));
         }
-        if readonly {
-            return Err(NodeError::ReadOnlyUnsupported);
-        }
         let connections = match connections {
             0 => self.config.default_connections,
             n if n > MAX_CONNECTIONS => {
@@ -574,18 +640,33 @@ impl Node {
             }
             n => n,
         };
+        if readonly {
+            return self.attach_reader(volume_id, connections).await;
+        }
         let engine_error = |source| NodeError::Engine {
             volume: volume_id.to_string(),
             source,
         };
         let mut attachments = self.attachments.lock().await;
+        if attachments
+            .get(volume_id)
+            .is_some_and(|a| a.record.readonly)
+        {
+            return Err(NodeError::ReadOnlyConflict {
+                volume: volume_id.to_string(),
+                reason:
+                    "it is attached read-only here; detach it before attaching it as the writer"
+                        .to_string(),
+            });
+        }
         // The engine decides about epochs: the same one returns the open volume, a newer one
         // reopens it (the log continues), an older one is refused as stale.
-        let volume = self
-            .engine
-            .attach_volume(volume_id, epoch)
-            .await
-            .map_err(engine_error)?;
+        let volume = Served::Writer(
+            self.engine
+                .attach_volume(volume_id, epoch)
+                .await
+                .map_err(engine_error)?,
+        );
         if let Some(attached) = attachments.get_mut(volume_id) {
             let same = attached.record.epoch == epoch && !attached.engine_detached;
             if same && attached.sessions.live() > 0 {
@@ -635,6 +716,7 @@ impl Node {
                 sessions: Sessions::default(),
                 engine_detached: false,
                 device_lost: false,
+                reader: None,
             },
         );
         if let Err(error) = self.save(&attachments) {
@@ -650,6 +732,93 @@ impl Node {
             attached.sessions = sessions;
         }
         tracing::info!(volume = %volume_id, epoch, index, connections, "volume attached to a kernel device");
+        Ok(answer)
+    }
+
+    /// Attaches a reader: the volume's bucket state on a read-only device. Refused while the
+    /// volume is open here as a writer (the block-storage API refuses readers while any
+    /// writer is attached, and this gateway must not serve both).
+    async fn attach_reader(
+        &self,
+        volume_id: &str,
+        connections: u32,
+    ) -> Result<proto::Attachment, NodeError> {
+        let mut attachments = self.attachments.lock().await;
+        if self.engine.volume(volume_id).is_ok()
+            || attachments
+                .get(volume_id)
+                .is_some_and(|a| !a.record.readonly)
+        {
+            return Err(NodeError::ReadOnlyConflict {
+                volume: volume_id.to_string(),
+                reason:
+                    "it is attached here as the writer; detach it before attaching it read-only"
+                        .to_string(),
+            });
+        }
+        if let Some(attached) = attachments.get_mut(volume_id)
+            && let Some(reader) = attached.reader.clone()
+        {
+            let served = Served::Reader(reader);
+            if attached.sessions.live() == 0 || attached.device_lost {
+                attached.sessions.stop().await;
+                let (index, sessions) = self
+                    .connect_device(&served, connections, Some(attached.record.index))
+                    .await?;
+                attached.sessions = sessions;
+                attached.device_lost = false;
+                attached.record.index = index;
+                self.save(&attachments)?;
+            }
+            let attached = &attachments[volume_id];
+            return Ok(attachment(
+                &attached.record,
+                Some(&served),
+                &self.kernel.device_path(attached.record.index),
+            ));
+        }
+        let reader = ReaderVolume::open(
+            self.engine.store().clone(),
+            self.engine.config().block_size,
+            volume_id,
+        )
+        .await
+        .map_err(|source| NodeError::Engine {
+            volume: volume_id.to_string(),
+            source,
+        })?;
+        let served = Served::Reader(reader.clone());
+        let (index, mut sessions) = self.connect_device(&served, connections, None).await?;
+        let record = AttachmentRecord {
+            volume: volume_id.to_string(),
+            epoch: 0,
+            index,
+            readonly: true,
+            connections,
+        };
+        let answer = attachment(&record, Some(&served), &self.kernel.device_path(index));
+        attachments.insert(
+            volume_id.to_string(),
+            Attached {
+                record,
+                sessions: Sessions::default(),
+                engine_detached: false,
+                device_lost: false,
+                reader: Some(reader),
+            },
+        );
+        if let Err(error) = self.save(&attachments) {
+            attachments.remove(volume_id);
+            if let Err(undo) = self.kernel.disconnect(index).await {
+                tracing::error!(volume = %volume_id, index, error = %undo, "cannot disconnect the device of a failed attach");
+            }
+            sessions.stop().await;
+            return Err(error);
+        }
+        if let Some(attached) = attachments.get_mut(volume_id) {
+            attached.sessions = sessions;
+        }
+        tracing::info!(volume = %volume_id, index, connections, "volume attached read-only to a kernel device");
         Ok(answer)
     }
 
@@ -672,6 +841,10 @@ impl Node {
             volume: volume_id.to_string(),
             source,
         };
+        if attached.record.readonly {
+            // A reader holds nothing to upload.
+            attached.engine_detached = true;
+        }
         if !attached.engine_detached {
             if attached.sessions.live() > 0
                 && let Err(error) = self.kernel.flush(index).await
@@ -705,10 +878,17 @@ impl Node {
         attachments
             .values()
             .map(|attached| {
-                let volume = self.engine.volume(&attached.record.volume).ok();
+                let served = match &attached.reader {
+                    Some(reader) => Some(Served::Reader(reader.clone())),
+                    None => self
+                        .engine
+                        .volume(&attached.record.volume)
+                        .ok()
+                        .map(Served::Writer),
+                };
                 attachment(
                     &attached.record,
-                    volume.as_deref(),
+                    served.as_ref(),
                     &self.kernel.device_path(attached.record.index),
                 )
             })
@@ -723,6 +903,12 @@ impl Node {
             .ok_or_else(|| NodeError::NotAttached {
                 volume: volume_id.to_string(),
             })?;
+        if attached.record.readonly {
+            return Err(NodeError::ReadOnlyConflict {
+                volume: volume_id.to_string(),
+                reason: "it is attached read-only here and cannot grow".to_string(),
+            });
+        }
         let engine_error = |source| NodeError::Engine {
             volume: volume_id.to_string(),
             source,
@@ -742,7 +928,7 @@ impl Node {
             })?;
         Ok(attachment(
             &attached.record,
-            Some(&volume),
+            Some(&Served::Writer(volume)),
             &self.kernel.device_path(index),
         ))
     }
@@ -755,16 +941,44 @@ impl Node {
             .ok_or_else(|| NodeError::NotAttached {
                 volume: volume_id.to_string(),
             })?;
+        let device = match self.kernel.status(attached.record.index).await {
+            Ok(state) => Ok(state),
+            Err(error) => Err(error.to_string()),
+        };
+        if let Some(reader) = &attached.reader {
+            let mut problems = Vec::new();
+            if device.as_ref().ok() != Some(&Some(DeviceState::Configured)) {
+                problems.push(format!(
+                    "the kernel device nbd{} is not connected",
+                    attached.record.index
+                ));
+            }
+            if attached.sessions.live() == 0 {
+                problems.push("no kernel connection is served by this gateway".to_string());
+            }
+            return Ok(proto::VolumeStats {
+                volume_id: volume_id.to_string(),
+                size_bytes: reader.size(),
+                condition: Some(proto::VolumeCondition {
+                    abnormal: !problems.is_empty(),
+                    message: if problems.is_empty() {
+                        "ok (read-only)".to_string()
+                    } else {
+                        problems.join("; ")
+                    },
+                }),
+                epoch: 0,
+                fenced: false,
+                upload_backlog_bytes: 0,
+                write_log_bytes: 0,
+            });
+        }
         let engine_error = |source| NodeError::Engine {
             volume: volume_id.to_string(),
             source,
         };
         let volume = self.engine.volume(volume_id).map_err(engine_error)?;
         let status = volume.status().map_err(engine_error)?;
-        let device = match self.kernel.status(attached.record.index).await {
-            Ok(state) => Ok(state),
-            Err(error) => Err(error.to_string()),
-        };
         let mut problems = Vec::new();
         if status.fenced {
             problems.push(

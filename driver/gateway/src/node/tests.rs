@@ -178,10 +178,6 @@ async fn refusals_carry_the_contract_codes() {
     let (_engine, node) = fixture.node().await;
     assert_eq!(code(node.attach("nope", 2, false, 0).await), Code::NotFound);
     assert_eq!(
-        code(node.attach("vol", 2, true, 0).await),
-        Code::Unimplemented
-    );
-    assert_eq!(
         code(node.attach("", 2, false, 0).await),
         Code::InvalidArgument
     );
@@ -383,4 +379,78 @@ async fn the_api_is_served_on_the_unix_socket() {
         .into_inner();
     assert_eq!(list.attachments, vec![attached]);
     server.abort();
+}
+
+#[tokio::test]
+async fn a_reader_serves_the_bucket_state_read_only() {
+    let fixture = Fixture::new().await;
+    // Write data as the writer, detach (everything reaches the bucket), then attach read-only.
+    let (engine, node) = fixture.node().await;
+    node.attach("vol", 2, false, 1).await.unwrap();
+    let mut sockets = fixture.kernel.take_sockets(0);
+    let data = vec![0x3c; 65536];
+    write(&mut sockets[0], 1 << 20, &data).await;
+    flush(&mut sockets[0]).await;
+    node.detach("vol", Duration::from_secs(10)).await.unwrap();
+
+    let attached = node.attach("vol", 0, true, 2).await.unwrap();
+    assert!(attached.readonly);
+    assert_eq!((attached.epoch, attached.size_bytes), (0, SIZE));
+    let index: u32 = attached
+        .device_path
+        .trim_start_matches("/dev/nbd")
+        .parse()
+        .unwrap();
+    fixture.kernel.with(index, |device| {
+        assert_ne!(device.config.server_flags & 1 << 1, 0, "NBD_FLAG_READ_ONLY");
+    });
+    let mut sockets = fixture.kernel.take_sockets(index);
+    assert_eq!(read(&mut sockets[1], 1 << 20, 65536).await, data);
+    assert_eq!(read(&mut sockets[0], 0, 4096).await, vec![0; 4096]);
+    let (error, _) = request(&mut sockets[0], 1, 0, 4096, &[1; 4096]).await;
+    assert_eq!(error, 1, "a write to a reader is EPERM");
+    assert_eq!(
+        node.attach("vol", 0, true, 2).await.unwrap(),
+        attached,
+        "idempotent"
+    );
+    assert_eq!(
+        code(node.attach("vol", 3, false, 0).await),
+        Code::FailedPrecondition,
+        "no writer while a reader is attached here"
+    );
+    assert_eq!(
+        code(node.expand("vol", SIZE * 2).await),
+        Code::FailedPrecondition
+    );
+    let stats = node.stats("vol").await.unwrap();
+    assert_eq!(stats.size_bytes, SIZE);
+    assert!(!stats.condition.unwrap().abnormal);
+
+    // A restart brings the reader back on its device.
+    drop(sockets);
+    node.suspend().await;
+    engine.shutdown().await;
+    drop(node);
+    drop(engine);
+    let (_engine, restarted) = fixture.node().await;
+    assert_eq!(restarted.list().await.len(), 1);
+    let mut sockets = fixture.kernel.take_sockets(index);
+    assert_eq!(read(&mut sockets[0], 1 << 20, 4096).await, data[..4096]);
+    restarted
+        .detach("vol", Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(restarted.list().await.is_empty());
+    assert_eq!(
+        code(restarted.attach("vol", 0, false, 1).await),
+        Code::InvalidArgument,
+        "epoch 0 is not a writer epoch"
+    );
+    restarted.attach("vol", 3, false, 1).await.unwrap();
+    assert_eq!(
+        code(restarted.attach("vol", 0, true, 1).await),
+        Code::FailedPrecondition,
+        "no reader while the writer is here"
+    );
 }
