@@ -89,6 +89,15 @@ impl SnapshotInfo {
     }
 }
 
+/// What a clean detach leaves behind in `<data>/detached/<id>.json`: the epoch the volume was
+/// detached with (everything of it is in the bucket) and the parent of its next snapshot.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+struct Detached {
+    epoch: u64,
+    #[serde(default)]
+    last_snapshot: Option<String>,
+}
+
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct GcReport {
     pub deleted_segments: u64,
@@ -376,13 +385,18 @@ impl Engine {
             return Err(stale(newest));
         }
         let dir = self.volume_dir(id);
+        let detached = self.read_detached(id)?;
         if newest == epoch {
             // The bucket holds this very epoch: only this gateway's own state of it may go
-            // on (an attach retried after it stopped halfway). Anyone else holding it would
-            // write the same keys as this gateway.
+            // on (an attach retried after it stopped halfway, or a volume this gateway
+            // detached cleanly and is given back with the same epoch). Anyone else holding
+            // it would write the same keys as this gateway.
             let held_here = match &open {
                 Some(open) => open.epoch(),
-                None => volume::read_local_state(&dir)?.map_or(0, |local| local.epoch),
+                None => volume::read_local_state(&dir)?
+                    .map(|local| local.epoch)
+                    .or(detached.as_ref().map(|d| d.epoch))
+                    .unwrap_or(0),
             };
             if held_here != epoch {
                 tracing::error!(volume = %id, epoch, "attach refused: the bucket already holds this writer epoch and this gateway has no state of it");
@@ -420,11 +434,29 @@ impl Engine {
                 volume::write_local_state(&dir, &local)?;
                 self.resume(id, &mut remote, local).await?
             }
-            None => {
-                self.take_over(&descriptor, &mut remote, epoch, EpochGrant::Attached)
-                    .await?
-            }
+            None => match detached {
+                // Detached cleanly from here with this epoch: everything is in the bucket and
+                // the chain of this epoch simply goes on (no new checkpoint, whose name
+                // could be one this epoch already wrote).
+                Some(detached) if detached.epoch == epoch && remote.checkpoint.epoch == epoch => {
+                    let local = LocalState {
+                        epoch,
+                        hydrated: descriptor.mode == Mode::Cached || remote.map.is_empty(),
+                        pending_snapshots: Vec::new(),
+                        last_snapshot: detached.last_snapshot,
+                    };
+                    std::fs::create_dir_all(&dir).map_err(|e| EngineError::local(&dir, e))?;
+                    volume::write_local_state(&dir, &local)?;
+                    tracing::info!(volume = %id, epoch, "volume attached again with the epoch it was detached with");
+                    local
+                }
+                _ => {
+                    self.take_over(&descriptor, &mut remote, epoch, EpochGrant::Attached)
+                        .await?
+                }
+            },
         };
+        self.remove_detached(id)?;
         let volume = self.start_volume(&descriptor, remote, local)?;
         self.volumes_lock()?.insert(id.to_string(), volume.clone());
         tracing::info!(volume = %id, epoch, "volume attached");
@@ -484,13 +516,59 @@ impl Engine {
             let dropped = volume.status().map(|s| s.log_bytes).unwrap_or(0);
             tracing::error!(volume = %id, epoch = volume.epoch(), dropped_bytes = dropped, "detaching a fenced volume: its unuploaded writes are dropped");
         }
+        let fenced = volume.is_fenced();
+        let marker = Detached {
+            epoch: volume.epoch(),
+            last_snapshot: volume.last_snapshot(),
+        };
         volume.close().await;
         let dir = volume.local_dir().to_path_buf();
         drop(volume);
+        if !fenced {
+            // Remembered so that the same attachment can open it again here (a CSI unstage
+            // and stage under one ControllerPublish) without a new epoch.
+            self.write_detached(id, &marker)?;
+        }
         std::fs::remove_dir_all(&dir).map_err(|e| EngineError::local(&dir, e))?;
         drop(admin);
         tracing::info!(volume = %id, "volume detached");
         Ok(())
+    }
+
+    fn detached_path(&self, id: &str) -> PathBuf {
+        self.dir.join("detached").join(format!("{id}.json"))
+    }
+
+    fn read_detached(&self, id: &str) -> Result<Option<Detached>, EngineError> {
+        let path = self.detached_path(id);
+        match std::fs::read(&path) {
+            Ok(bytes) => Ok(serde_json::from_slice(&bytes).ok()),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(error) => Err(EngineError::local(&path, error)),
+        }
+    }
+
+    fn write_detached(&self, id: &str, marker: &Detached) -> Result<(), EngineError> {
+        let path = self.detached_path(id);
+        let body = serde_json::to_vec(marker).unwrap_or_default();
+        let temporary = path.with_extension("json.tmp");
+        let write = || -> std::io::Result<()> {
+            std::fs::create_dir_all(path.parent().unwrap_or(&self.dir))?;
+            let mut file = std::fs::File::create(&temporary)?;
+            std::io::Write::write_all(&mut file, &body)?;
+            file.sync_all()?;
+            std::fs::rename(&temporary, &path)
+        };
+        write().map_err(|e| EngineError::local(&path, e))
+    }
+
+    fn remove_detached(&self, id: &str) -> Result<(), EngineError> {
+        let path = self.detached_path(id);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(error) => Err(EngineError::local(&path, error)),
+        }
     }
 
     /// Waits until `volume` has nothing left to upload, or is fenced.

@@ -1506,6 +1506,14 @@ impl Volume {
     }
 
     /// True when nothing waits in the log: every write is in the bucket.
+    /// The snapshot the next one will name as its parent.
+    pub(crate) fn last_snapshot(&self) -> Option<String> {
+        self.state
+            .lock()
+            .ok()
+            .and_then(|st| st.last_snapshot.clone())
+    }
+
     pub fn is_drained(&self) -> bool {
         self.lock()
             .map(|st| st.log_bytes == 0 && st.sealed.is_empty())

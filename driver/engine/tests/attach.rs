@@ -366,3 +366,57 @@ async fn a_detach_during_an_outage_fails_and_loses_nothing() {
     );
     other.shutdown().await;
 }
+
+/// A CSI unstage detaches the volume and a later stage of the same ControllerPublish attaches
+/// it again with the same epoch: the gateway that detached it cleanly may, and continues the
+/// epoch's chain; another gateway may not use that epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_detach_can_be_attached_again_with_the_same_epoch_here_only() {
+    let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open_managed(&dir.path().join("a"), &store).await;
+    create(&engine, "vol", SIZE, Mode::Cached).await;
+    let volume = engine.attach_volume("vol", 3).await.unwrap();
+    let first = pattern(1, 64 << 10);
+    volume.write(0, &first, true).await.unwrap();
+    let snapshot = engine.create_snapshot("vol", "s1").await.unwrap();
+    drop(volume);
+    engine.detach_volume("vol", DEADLINE).await.unwrap();
+    assert!(engine.snapshot("s1").await.unwrap().ready, "{snapshot:?}");
+
+    let elsewhere = open_managed(&dir.path().join("b"), &store).await;
+    assert!(
+        matches!(
+            elsewhere.attach_volume("vol", 3).await,
+            Err(EngineError::Fenced { .. })
+        ),
+        "another gateway must not reuse the epoch"
+    );
+
+    let again = engine.attach_volume("vol", 3).await.unwrap();
+    assert_eq!(again.epoch(), 3);
+    assert_eq!(&again.read(0, 64 << 10).await.unwrap()[..], &first[..]);
+    let second = pattern(2, 64 << 10);
+    again.write(64 << 10, &second, true).await.unwrap();
+    let next = engine.create_snapshot("vol", "s2").await.unwrap();
+    assert_eq!(
+        next.parent.as_deref(),
+        Some("s1"),
+        "the snapshot chain goes on"
+    );
+    drop(again);
+    engine.detach_volume("vol", DEADLINE).await.unwrap();
+
+    // Everything is in the bucket: a newer epoch on the other gateway sees both writes.
+    let moved = elsewhere.attach_volume("vol", 4).await.unwrap();
+    assert_eq!(&moved.read(0, 64 << 10).await.unwrap()[..], &first[..]);
+    assert_eq!(
+        &moved.read(64 << 10, 64 << 10).await.unwrap()[..],
+        &second[..]
+    );
+    // And the first gateway's memory of epoch 3 is now stale.
+    assert!(matches!(
+        engine.attach_volume("vol", 3).await,
+        Err(EngineError::Fenced { .. })
+    ));
+}
