@@ -4,7 +4,8 @@
 #   scripts/test.sh
 #
 # On a fresh Debian 12 machine with Rust (rustup) as root or with sudo, it installs:
-#   - apt: libnbd-bin nbdkit fio python3-libnbd qemu-utils g++ (skipped when all are present)
+#   - apt: libnbd-bin nbdkit fio python3-libnbd qemu-utils g++ wget (skipped when all are present;
+#     wget is for the debootstrap that scripts/guest/build.sh unpacks for the guest tests)
 #   - cargo-nextest, s3s-fs 0.14.1 (the S3 server the tests start), cargo-fuzz (when missing)
 # and then runs, in order:
 #   1. cargo fmt --all -- --check
@@ -12,6 +13,9 @@
 #   3. a 30 s fuzz smoke of the NBD request decoder (driver/nbd/fuzz, see its README)
 #   4. cargo test --doc --workspace
 #   5. cargo nextest run --workspace --all-features   (profile: .config/nextest.toml)
+#      This includes the guest tests (tests/tests/guest_*.rs): as root they boot a QEMU guest
+#      with a real kernel, building it first (network to the Debian mirror, ~2 min) unless
+#      cached; see docs/guest-tests.md.
 # Every check runs even when an earlier one fails; the script exits non-zero if any failed.
 #
 # Environment:
@@ -30,7 +34,7 @@ export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 FUZZ_SECONDS=${BLOCKGATE_FUZZ_SECONDS:-30}
 FUZZ_TARGET_DIR=${BLOCKGATE_FUZZ_TARGET_DIR:-$(dirname "$CARGO_TARGET_DIR")/fuzz-target}
 
-APT_PACKAGES=(libnbd-bin nbdkit fio python3-libnbd qemu-utils g++)
+APT_PACKAGES=(libnbd-bin nbdkit fio python3-libnbd qemu-utils g++ wget)
 S3S_FS_VERSION=0.14.1
 
 section() {

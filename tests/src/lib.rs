@@ -12,6 +12,7 @@
 pub mod binary;
 pub mod content;
 pub mod gateway;
+pub mod guest;
 pub mod nbd_client;
 pub mod poll;
 pub mod tools;
