@@ -17,6 +17,7 @@ use clap::{Args, Parser, Subcommand};
 use tokio::net::UnixListener;
 
 mod admin;
+mod control;
 mod exports;
 mod kernel;
 mod metrics;
@@ -62,7 +63,7 @@ impl DataDir {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the gateway.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Manage volumes of a running gateway.
     #[command(subcommand)]
     Volume(VolumeCommand),
@@ -197,6 +198,55 @@ struct ServeArgs {
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+    /// The operator's control server, `https://HOST:PORT`: the gateway dials it and keeps a
+    /// stream open for commands and status reports. Without it the gateway runs standalone.
+    #[arg(long, env = "BLOCKGATE_CONTROL_ENDPOINT")]
+    control_endpoint: Option<String>,
+    /// CA bundle (PEM) that verifies the control server's certificate.
+    #[arg(long, env = "BLOCKGATE_CONTROL_CA")]
+    control_ca: Option<PathBuf>,
+    /// File holding the one-time activation token; needed until the gateway has its
+    /// certificate (kept in `<data-dir>/control/`).
+    #[arg(long, env = "BLOCKGATE_ACTIVATION_TOKEN_FILE")]
+    activation_token_file: Option<PathBuf>,
+    /// The StorageGateway this gateway belongs to: NAMESPACE/NAME.
+    #[arg(long, env = "BLOCKGATE_STORAGE_GATEWAY")]
+    storage_gateway: Option<String>,
+    /// The node this gateway runs on.
+    #[arg(long, env = "BLOCKGATE_NODE_NAME")]
+    node_name: Option<String>,
+}
+
+/// The control channel's settings, when `--control-endpoint` is given.
+fn control_options(args: &ServeArgs) -> anyhow::Result<Option<control::ControlOptions>> {
+    let Some(endpoint) = args.control_endpoint.clone() else {
+        return Ok(None);
+    };
+    if !endpoint.starts_with("https://") {
+        bail!("--control-endpoint {endpoint}: expected https://HOST:PORT");
+    }
+    let ca_file = args
+        .control_ca
+        .clone()
+        .context("--control-endpoint needs --control-ca")?;
+    let storage_gateway = args
+        .storage_gateway
+        .clone()
+        .context("--control-endpoint needs --storage-gateway")?;
+    if storage_gateway.split('/').count() != 2 {
+        bail!("--storage-gateway {storage_gateway}: expected NAMESPACE/NAME");
+    }
+    let node_name = args
+        .node_name
+        .clone()
+        .context("--control-endpoint needs --node-name")?;
+    Ok(Some(control::ControlOptions {
+        endpoint,
+        ca_file,
+        token_file: args.activation_token_file.clone(),
+        storage_gateway,
+        node_name,
+    }))
 }
 
 #[derive(Debug, Subcommand)]
@@ -364,7 +414,7 @@ fn tune_allocator() {}
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
         Command::Volume(command) => volume_command(command).await,
         Command::Snapshot(command) => snapshot_command(command).await,
         Command::Gc(data) => {
@@ -573,17 +623,23 @@ async fn snapshot_command(command: SnapshotCommand) -> anyhow::Result<()> {
     }
 }
 
-fn init_logging(format: &str) {
+/// Logs to stderr, and keeps the recent lines for the control channel's diagnostics.
+fn init_logging(format: &str) -> control::LogRing {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let ring = control::LogRing::new(control::LOG_RING_LINES);
+    let output = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(ring.clone());
     if format == "json" {
-        builder.json().init();
+        registry.with(output.json()).init();
     } else {
-        builder.init();
+        registry.with(output).init();
     }
+    ring
 }
 
 async fn open_store(args: &ServeArgs) -> anyhow::Result<Arc<dyn ObjectStore>> {
@@ -633,7 +689,8 @@ fn parse_volume_flag(flag: &str) -> anyhow::Result<VolumeSpec> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    init_logging(&args.log_format);
+    let logs = init_logging(&args.log_format);
+    let control_options = control_options(&args)?;
     let data_dir = &args.data.data_dir;
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create {}", data_dir.display()))?;
@@ -710,6 +767,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 tracing::error!(%error, "node API server failed");
             }
         }));
+    }
+    if let Some(options) = control_options {
+        say(&format!("control server: {}", options.endpoint));
+        tasks.push(tokio::spawn(control::run(control::ControlContext {
+            engine: engine.clone(),
+            node: node.clone(),
+            logs,
+            data_dir: data_dir.clone(),
+            options,
+        })));
     }
     tasks.push(tokio::spawn(serve_nbd_unix(
         nbd_listener,
