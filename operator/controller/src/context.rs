@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use kube::Client;
+use kube::runtime::events::Recorder;
 
 use crate::gateway::VolumeDetacher;
 use crate::metrics::Metrics;
@@ -18,8 +19,24 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Detaches a deleted Gateway's volumes before its finalizer goes.
     pub detacher: Arc<dyn VolumeDetacher>,
+    /// How gateway pods reach the control server; `None`: pods without a control channel
+    /// (and no activation Secrets).
+    pub control: Option<ControlSettings>,
+    /// Where Events go (the fleet analyzer's pause and resume); `None` in most tests.
+    pub recorder: Option<Recorder>,
     /// Consecutive failures per object (`kind/namespace/name`), for the retry backoff.
     failures: Mutex<HashMap<String, u32>>,
+}
+
+/// What a gateway pod needs to dial the control server and activate.
+#[derive(Debug, Clone)]
+pub struct ControlSettings {
+    /// `https://<service>.<namespace>.svc:<port>`.
+    pub endpoint: String,
+    /// The CA certificate (PEM), published in a ConfigMap per StorageGateway namespace.
+    pub ca_pem: String,
+    /// How long a new activation token is good for.
+    pub token_validity: Duration,
 }
 
 impl std::fmt::Debug for Context {
@@ -40,8 +57,22 @@ impl Context {
             client,
             metrics,
             detacher,
+            control: None,
+            recorder: None,
             failures: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Gateway pods get the control channel's flags, CA and activation token.
+    pub fn with_control(mut self, control: ControlSettings) -> Self {
+        self.control = Some(control);
+        self
+    }
+
+    /// Events are published through `recorder`.
+    pub fn with_recorder(mut self, recorder: Recorder) -> Self {
+        self.recorder = Some(recorder);
+        self
     }
 
     /// Records a failure of `key` and returns how long to wait before the next attempt:

@@ -10,7 +10,7 @@
 //!
 //! What it simplifies: server-side apply merges into the stored object (maps recursively;
 //! lists of objects with a `type` key merged by that key, other lists replaced) and does not
-//! track field ownership; list selectors are `key=value` equality only; deletion is immediate
+//! track field ownership; list selectors are `key=value` equality and `key` existence only; deletion is immediate
 //! unless the object has finalizers; there is no garbage collection and no admission.
 
 use std::collections::BTreeMap;
@@ -113,21 +113,26 @@ fn lookup<'a>(object: &'a Value, dotted: &str) -> Option<&'a Value> {
 }
 
 fn selected(object: &Value, labels: Option<&str>, fields: Option<&str>) -> bool {
-    let pairs = |s: Option<&str>| -> Vec<(String, String)> {
+    let pairs = |s: Option<&str>| -> Vec<(String, Option<String>)> {
         s.unwrap_or("")
             .split(',')
             .filter(|p| !p.is_empty())
-            .map(|p| {
-                let (k, v) = p.split_once('=').unwrap();
-                (k.to_owned(), v.to_owned())
+            .map(|p| match p.split_once('=') {
+                Some((k, v)) => (k.to_owned(), Some(v.to_owned())),
+                // `key` alone: the label exists, whatever its value.
+                None => (p.to_owned(), None),
             })
             .collect()
     };
     pairs(labels).iter().all(|(k, v)| {
-        object["metadata"]["labels"].get(k).and_then(Value::as_str) == Some(v.as_str())
+        let actual = object["metadata"]["labels"].get(k).and_then(Value::as_str);
+        match v {
+            Some(v) => actual == Some(v.as_str()),
+            None => actual.is_some(),
+        }
     }) && pairs(fields)
         .iter()
-        .all(|(k, v)| lookup(object, k).and_then(Value::as_str) == Some(v.as_str()))
+        .all(|(k, v)| lookup(object, k).and_then(Value::as_str) == v.as_deref())
 }
 
 /// Server-side apply, simplified: see the module doc.

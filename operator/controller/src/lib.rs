@@ -6,14 +6,27 @@
 //! It never deletes data: host paths are never removed, and a Gateway whose volumes are still
 //! attached keeps its finalizer (see [`gateway::VolumeDetacher`]).
 //!
-//! Not here yet: the gateway control server, activation, rollouts and the health analyzers.
+//! The gateway control server itself (operator/control) is hosted here on Kubernetes: the CA
+//! in a Secret ([`control_ca`]), activation tokens in Secrets ([`activation`]), the holder
+//! registry on Leases and the peers from the operator's pods ([`registry`]), reports into
+//! Gateway status, metrics and health findings ([`reports`], [`analyzers`]), and the
+//! block-storage API's way to the gateways over the control channel ([`hub_gateways`]).
+//!
+//! Not here yet: rollouts.
 
+pub mod activation;
+pub mod analyzers;
+pub mod blockstore;
 pub mod context;
+pub mod control_ca;
 pub mod gateway;
 pub mod http;
+pub mod hub_gateways;
 pub mod leader;
 pub mod metrics;
 pub mod pod;
+pub mod registry;
+pub mod reports;
 pub mod storage_gateway;
 
 #[cfg(test)]

@@ -24,9 +24,29 @@ impl Controller {
     }
 }
 
+/// The latest of one gateway's reports, as this replica saw it on the gateway's stream.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GatewaySample {
+    /// The Gateway object's name.
+    pub gateway: String,
+    pub node: String,
+    /// `namespace/name`.
+    pub storage_gateway: String,
+    pub connected: bool,
+    pub volumes: u64,
+    pub write_log_bytes: u64,
+    pub write_log_capacity_bytes: u64,
+    pub upload_backlog_bytes: u64,
+    pub upload_bytes_per_second: f64,
+    /// Analyzers with a current finding.
+    pub findings: Vec<String>,
+}
+
 /// Counters shared by the reconcilers, the leader election and the HTTP endpoint.
 #[derive(Debug, Default)]
 pub struct Metrics {
+    /// Gateways whose streams this replica holds (or held), by gateway id.
+    gateways: Mutex<BTreeMap<String, GatewaySample>>,
     /// Reconciles by controller and result (`ok` or the error's kind).
     reconciles: Mutex<BTreeMap<(Controller, &'static str), u64>>,
     /// 1 while this replica holds the leader lease (and runs the reconcilers).
@@ -68,9 +88,94 @@ impl Metrics {
             .sum()
     }
 
+    /// Records the latest state of gateway `id`.
+    pub fn set_gateway(&self, id: &str, sample: GatewaySample) {
+        self.gateways
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id.to_owned(), sample);
+    }
+
+    /// The recorded state of gateway `id`, for tests and the report sink.
+    pub fn gateway(&self, id: &str) -> Option<GatewaySample> {
+        self.gateways
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(id)
+            .cloned()
+    }
+
+    fn render_gateways(&self, out: &mut String) {
+        let gateways = self
+            .gateways
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let labels = |sample: &GatewaySample| {
+            format!(
+                "gateway=\"{}\",node=\"{}\",storage_gateway=\"{}\"",
+                sample.gateway, sample.node, sample.storage_gateway
+            )
+        };
+        type Value = fn(&GatewaySample) -> String;
+        let gauges: [(&str, &str, Value); 6] = [
+            (
+                "blockgate_gateway_connected",
+                "1 while the gateway's control stream is open to this replica.",
+                |s| u64::from(s.connected).to_string(),
+            ),
+            (
+                "blockgate_gateway_volumes",
+                "Volumes attached on the gateway.",
+                |s| s.volumes.to_string(),
+            ),
+            (
+                "blockgate_gateway_write_log_bytes",
+                "Bytes in the gateway's write log.",
+                |s| s.write_log_bytes.to_string(),
+            ),
+            (
+                "blockgate_gateway_write_log_capacity_bytes",
+                "Capacity of the gateway's write log.",
+                |s| s.write_log_capacity_bytes.to_string(),
+            ),
+            (
+                "blockgate_gateway_upload_backlog_bytes",
+                "Bytes written but not yet uploaded.",
+                |s| s.upload_backlog_bytes.to_string(),
+            ),
+            (
+                "blockgate_gateway_upload_bytes_per_second",
+                "Recent upload rate.",
+                |s| s.upload_bytes_per_second.to_string(),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} gauge");
+            for sample in gateways.values() {
+                let _ = writeln!(out, "{name}{{{}}} {}", labels(sample), value(sample));
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP blockgate_gateway_findings 1 for each current finding of a health analyzer."
+        );
+        let _ = writeln!(out, "# TYPE blockgate_gateway_findings gauge");
+        for sample in gateways.values() {
+            for analyzer in &sample.findings {
+                let _ = writeln!(
+                    out,
+                    "blockgate_gateway_findings{{gateway=\"{}\",analyzer=\"{analyzer}\"}} 1",
+                    sample.gateway
+                );
+            }
+        }
+    }
+
     /// The Prometheus text exposition (format 0.0.4).
     pub fn render(&self) -> String {
         let mut out = String::new();
+        self.render_gateways(&mut out);
         let _ = writeln!(
             out,
             "# HELP blockgate_operator_reconcile_total Reconciles finished, by controller and result."

@@ -25,6 +25,13 @@ pub const DATA_DIR: &str = "/var/lib/blockgate/data";
 pub const CACHE_DIR: &str = "/var/lib/blockgate/cache";
 /// The gateway binary inside the image.
 pub const GATEWAY_BINARY: &str = "blockgate-gateway";
+/// The ConfigMap (in each StorageGateway's namespace) holding the control server's CA
+/// certificate under `ca.crt`.
+pub const CONTROL_CA_CONFIG_MAP: &str = "blockgate-control-ca";
+/// Where the gateway pod mounts the CA ConfigMap.
+pub const CONTROL_CA_DIR: &str = "/etc/blockgate/ca";
+/// Where the gateway pod mounts its activation Secret.
+pub const ACTIVATION_DIR: &str = "/etc/blockgate/activation";
 /// Longest object name Kubernetes accepts (a DNS subdomain).
 const MAX_NAME_LENGTH: usize = 253;
 
@@ -313,6 +320,81 @@ pub fn gateway_pod(storage_gateway: &StorageGateway, gateway: &Gateway) -> Resul
         }),
         status: None,
     })
+}
+
+/// Adds the control channel to a gateway pod: the flags of `blockgate-gateway serve`
+/// (endpoint, CA, token file, StorageGateway, node name from the downward API), the CA
+/// ConfigMap and the activation Secret as read-only volumes.
+pub fn add_control(
+    pod: &mut Pod,
+    control: &crate::context::ControlSettings,
+    storage_gateway: &StorageGateway,
+    gateway: &Gateway,
+) {
+    let Some(spec) = pod.spec.as_mut() else {
+        return;
+    };
+    let Some(container) = spec.containers.first_mut() else {
+        return;
+    };
+    container.args.get_or_insert_with(Vec::new).extend([
+        "--control-endpoint".to_owned(),
+        control.endpoint.clone(),
+        "--control-ca".to_owned(),
+        format!("{CONTROL_CA_DIR}/{}", crate::control_ca::CA_CERTIFICATE_KEY),
+        "--activation-token-file".to_owned(),
+        format!("{ACTIVATION_DIR}/{}", crate::activation::TOKEN_KEY),
+        "--storage-gateway".to_owned(),
+        format!(
+            "{}/{}",
+            storage_gateway.namespace().unwrap_or_default(),
+            storage_gateway.name_any()
+        ),
+        "--node-name".to_owned(),
+        "$(NODE_NAME)".to_owned(),
+    ]);
+    container.env.get_or_insert_with(Vec::new).push(EnvVar {
+        name: "NODE_NAME".into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(k8s_openapi::api::core::v1::ObjectFieldSelector {
+                field_path: "spec.nodeName".into(),
+                ..Default::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    });
+    let mounts = container.volume_mounts.get_or_insert_with(Vec::new);
+    for (name, path) in [
+        ("control-ca", CONTROL_CA_DIR),
+        ("activation", ACTIVATION_DIR),
+    ] {
+        mounts.push(VolumeMount {
+            name: name.into(),
+            mount_path: path.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    }
+    let volumes = spec.volumes.get_or_insert_with(Vec::new);
+    volumes.push(Volume {
+        name: "control-ca".into(),
+        config_map: Some(k8s_openapi::api::core::v1::ConfigMapVolumeSource {
+            name: CONTROL_CA_CONFIG_MAP.into(),
+            ..Default::default()
+        }),
+        ..Volume::default()
+    });
+    volumes.push(Volume {
+        name: "activation".into(),
+        secret: Some(k8s_openapi::api::core::v1::SecretVolumeSource {
+            secret_name: Some(crate::activation::secret_name(&gateway.name_any())),
+            // Owner-only: the token is a secret.
+            default_mode: Some(0o400),
+            ..Default::default()
+        }),
+        ..Volume::default()
+    });
 }
 
 #[cfg(test)]

@@ -13,15 +13,17 @@ use std::time::Duration;
 
 use blockgate_operator_api::condition::{self, ConditionStatus, ConditionUpdate, set_condition};
 use blockgate_operator_api::{Gateway, StorageGateway, StorageGatewayStatus};
-use k8s_openapi::api::core::v1::{Node, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
+use kube::runtime::events::{Event as KubeEvent, EventType};
 use kube::runtime::finalizer::{self, Event};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
+use crate::analyzers;
 use crate::context::Context;
 use crate::metrics::Controller;
 use crate::pod::{self, PodError};
@@ -99,6 +101,12 @@ pub enum Error {
     /// Writing the status failed.
     #[error("apply status")]
     ApplyStatus(#[source] kube::Error),
+
+    #[error("apply the control CA ConfigMap")]
+    ApplyCaConfigMap(#[source] kube::Error),
+
+    #[error("activation secret")]
+    ActivationSecret(#[source] crate::activation::ActivationSecretError),
     /// Deletion waits for these Gateways to detach their volumes and stop their pods. Not a
     /// failure, but it must keep the finalizer, which only an error does.
     #[error("waiting for gateways to detach and stop: {}", .0.join(", "))]
@@ -122,6 +130,8 @@ impl Error {
             Self::BuildPod { .. } => "build_pod",
             Self::DeleteGateway { .. } => "delete_gateway",
             Self::ApplyStatus(_) => "apply_status",
+            Self::ApplyCaConfigMap(_) => "apply_ca_config_map",
+            Self::ActivationSecret(_) => "activation_secret",
             Self::WaitingForGateways(_) => "waiting_for_gateways",
             Self::Finalizer(inner) => match &**inner {
                 finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e.kind(),
@@ -434,6 +444,10 @@ async fn apply(sg: &StorageGateway, ctx: &Context) -> Result<Action, Error> {
     let gateway_api: Api<Gateway> = Api::namespaced(ctx.client.clone(), &namespace);
     let pod_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
     let apply_params = PatchParams::apply(crate::FIELD_MANAGER).force();
+    let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    if let Some(control) = &ctx.control {
+        apply_ca_config_map(ctx, &namespace, control).await?;
+    }
     let mut current = Vec::new();
     for node in &matching {
         let existing = by_node.get(node.as_str());
@@ -450,6 +464,15 @@ async fn apply(sg: &StorageGateway, ctx: &Context) -> Result<Action, Error> {
                 name: gateway_name.clone(),
                 source,
             })?;
+        if let Some(control) = &ctx.control {
+            crate::activation::ensure_activation_secret(
+                &secrets_api,
+                &gateway,
+                control.token_validity,
+            )
+            .await
+            .map_err(Error::ActivationSecret)?;
+        }
         let pod_name = pod::pod_name(&name, node);
         // Created when missing, never changed in place: most of a pod's spec is immutable,
         // and replacing a running gateway would interrupt its volumes. Changing a running
@@ -462,10 +485,14 @@ async fn apply(sg: &StorageGateway, ctx: &Context) -> Result<Action, Error> {
                 source,
             })?;
         if pod.is_none() {
-            let desired_pod = pod::gateway_pod(sg, &gateway).map_err(|source| Error::BuildPod {
-                name: gateway_name.clone(),
-                source,
-            })?;
+            let mut desired_pod =
+                pod::gateway_pod(sg, &gateway).map_err(|source| Error::BuildPod {
+                    name: gateway_name.clone(),
+                    source,
+                })?;
+            if let Some(control) = &ctx.control {
+                pod::add_control(&mut desired_pod, control, sg, &gateway);
+            }
             pod_api
                 .patch(&pod_name, &apply_params, &Patch::Apply(&desired_pod))
                 .await
@@ -541,8 +568,103 @@ async fn apply(sg: &StorageGateway, ctx: &Context) -> Result<Action, Error> {
             &message,
         );
     }
+    let was_paused = draft
+        .conditions
+        .iter()
+        .find(|c| c.type_ == condition::ROLLOUT_PAUSED)
+        .map(|c| c.status == "True" && c.reason == FLEET_FINDING);
+    let fleet = if sg.spec.update_policy.pause_on_fleet_errors {
+        analyzers::fleet(&current)
+    } else {
+        Vec::new()
+    };
+    match fleet.first() {
+        Some(finding) => {
+            let message = finding.message();
+            draft.set(
+                condition::ROLLOUT_PAUSED,
+                ConditionStatus::True,
+                FLEET_FINDING,
+                &message,
+            );
+            if was_paused != Some(true) {
+                tracing::warn!(storagegateway = %key(sg), %message, "fleet finding: rollout paused");
+                publish(ctx, sg, EventType::Warning, "RolloutPaused", &message).await;
+            }
+        }
+        None if sg.spec.update_policy.paused => draft.set(
+            condition::ROLLOUT_PAUSED,
+            ConditionStatus::True,
+            "PausedBySpec",
+            "spec.updatePolicy.paused is set",
+        ),
+        None => {
+            draft.set(
+                condition::ROLLOUT_PAUSED,
+                ConditionStatus::False,
+                "NoFleetFinding",
+                "",
+            );
+            if was_paused == Some(true) {
+                tracing::info!(storagegateway = %key(sg), "fleet finding gone: rollout resumes");
+                publish(
+                    ctx,
+                    sg,
+                    EventType::Normal,
+                    "RolloutResumed",
+                    "no finding is shared by many gateways of one version any more",
+                )
+                .await;
+            }
+        }
+    }
     apply_status(sg, ctx, draft.finish(Some((desired, ready, updated)))).await?;
     Ok(Action::requeue(RESYNC))
+}
+
+/// The `RolloutPaused` reason of a pause by the fleet analyzer.
+pub const FLEET_FINDING: &str = "FleetFinding";
+
+async fn publish(ctx: &Context, sg: &StorageGateway, type_: EventType, reason: &str, note: &str) {
+    let Some(recorder) = &ctx.recorder else {
+        return;
+    };
+    let event = KubeEvent {
+        type_,
+        reason: reason.to_owned(),
+        note: Some(note.to_owned()),
+        action: "AnalyzeFleet".to_owned(),
+        secondary: None,
+    };
+    if let Err(error) = recorder.publish(&event, &sg.object_ref(&())).await {
+        tracing::warn!(storagegateway = %key(sg), %error, "cannot publish an Event");
+    }
+}
+
+/// Publishes the control server's CA certificate in `namespace`, for the gateway pods.
+async fn apply_ca_config_map(
+    ctx: &Context,
+    namespace: &str,
+    control: &crate::context::ControlSettings,
+) -> Result<(), Error> {
+    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), namespace);
+    let config_map = json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": pod::CONTROL_CA_CONFIG_MAP,
+            "labels": {"app.kubernetes.io/managed-by": crate::FIELD_MANAGER},
+        },
+        "data": {crate::control_ca::CA_CERTIFICATE_KEY: control.ca_pem},
+    });
+    api.patch(
+        pod::CONTROL_CA_CONFIG_MAP,
+        &PatchParams::apply(crate::FIELD_MANAGER).force(),
+        &Patch::Apply(config_map),
+    )
+    .await
+    .map_err(Error::ApplyCaConfigMap)?;
+    Ok(())
 }
 
 fn count(n: usize) -> i32 {
@@ -968,6 +1090,141 @@ mod tests {
                 .metrics
                 .reconcile_count(Controller::Gateway, "detach_blocked"),
             1
+        );
+    }
+
+    fn with_control(cluster: Cluster) -> Cluster {
+        let client = kube::Client::new(cluster.fake.clone(), "default");
+        let ctx = Context::new(client, Arc::default(), Arc::new(RefuseWhileAttached)).with_control(
+            crate::context::ControlSettings {
+                endpoint: "https://blockgate-operator.blockgate-system.svc:9443".into(),
+                ca_pem: "-----BEGIN CERTIFICATE-----\nCA\n-----END CERTIFICATE-----\n".into(),
+                token_validity: crate::activation::TOKEN_VALIDITY,
+            },
+        );
+        Cluster {
+            fake: cluster.fake,
+            ctx: Arc::new(ctx),
+        }
+    }
+
+    #[tokio::test]
+    async fn with_a_control_server_each_gateway_gets_a_token_the_ca_and_the_flags() {
+        let cluster = with_control(Cluster::new());
+        cluster.settle().await.unwrap();
+        let fake = &cluster.fake;
+        let config_map = fake
+            .get(
+                "/api/v1/namespaces/blockgate-system/configmaps",
+                pod::CONTROL_CA_CONFIG_MAP,
+            )
+            .unwrap();
+        assert!(
+            config_map["data"]["ca.crt"]
+                .as_str()
+                .unwrap()
+                .contains("BEGIN CERTIFICATE")
+        );
+        let secrets = fake.names(SECRETS);
+        for node in ["node-a", "node-b"] {
+            assert!(
+                secrets.contains(&format!("fleet-{node}-activation")),
+                "{secrets:?}"
+            );
+            let pod = fake.get(PODS, &format!("fleet-gw-{node}")).unwrap();
+            let container = &pod["spec"]["containers"][0];
+            let args: Vec<&str> = container["args"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a.as_str().unwrap())
+                .collect();
+            for (flag, value) in [
+                (
+                    "--control-endpoint",
+                    "https://blockgate-operator.blockgate-system.svc:9443",
+                ),
+                ("--control-ca", "/etc/blockgate/ca/ca.crt"),
+                ("--activation-token-file", "/etc/blockgate/activation/token"),
+                ("--storage-gateway", "blockgate-system/fleet"),
+                ("--node-name", "$(NODE_NAME)"),
+            ] {
+                let at = args
+                    .iter()
+                    .position(|a| *a == flag)
+                    .unwrap_or_else(|| panic!("no {flag}"));
+                assert_eq!(args[at + 1], value);
+            }
+            assert_eq!(
+                container["env"][2]["valueFrom"]["fieldRef"]["fieldPath"],
+                "spec.nodeName"
+            );
+            let volumes = pod["spec"]["volumes"].to_string();
+            assert!(
+                volumes.contains(&format!("fleet-{node}-activation")),
+                "{volumes}"
+            );
+            assert!(volumes.contains(pod::CONTROL_CA_CONFIG_MAP));
+            // The token itself is never in the pod spec.
+            let secret = fake
+                .get(SECRETS, &format!("fleet-{node}-activation"))
+                .unwrap();
+            let token = secret["data"]["token"].as_str().unwrap();
+            assert!(!pod.to_string().contains(token));
+        }
+    }
+
+    fn report_status(fake: &FakeApi, gateway: &str, version: &str, analyzers: &[&str]) {
+        let findings: Vec<_> = analyzers
+            .iter()
+            .map(|a| json!({"analyzer": a, "severity": "Warning", "message": "seen", "since": "2026-01-01T00:00:00Z"}))
+            .collect();
+        fake.edit(GATEWAYS, gateway, |g| {
+            g["status"]["runningVersion"] = json!(version);
+            g["status"]["findings"] = json!(findings);
+        });
+    }
+
+    #[tokio::test]
+    async fn the_same_finding_on_most_gateways_of_a_version_pauses_the_rollout_until_it_clears() {
+        let cluster = Cluster::new();
+        cluster.settle().await.unwrap();
+        let paused = cluster.condition(condition::ROLLOUT_PAUSED);
+        assert_eq!(
+            (paused.status.as_str(), paused.reason.as_str()),
+            ("False", "NoFleetFinding")
+        );
+
+        report_status(
+            &cluster.fake,
+            "fleet-node-a",
+            "0.2.0",
+            &["ObjectStoreErrors"],
+        );
+        report_status(
+            &cluster.fake,
+            "fleet-node-b",
+            "0.2.0",
+            &["ObjectStoreErrors", "CacheThrashing"],
+        );
+        cluster.reconcile().await.unwrap();
+        let paused = cluster.condition(condition::ROLLOUT_PAUSED);
+        assert_eq!(
+            (paused.status.as_str(), paused.reason.as_str()),
+            ("True", FLEET_FINDING)
+        );
+        assert_eq!(
+            paused.message,
+            "2 of 2 gateways running 0.2.0 report ObjectStoreErrors"
+        );
+
+        // One gateway alone is not a fleet pattern.
+        report_status(&cluster.fake, "fleet-node-b", "0.2.0", &[]);
+        cluster.reconcile().await.unwrap();
+        let paused = cluster.condition(condition::ROLLOUT_PAUSED);
+        assert_eq!(
+            (paused.status.as_str(), paused.reason.as_str()),
+            ("False", "NoFleetFinding")
         );
     }
 }
