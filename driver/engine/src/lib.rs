@@ -28,12 +28,14 @@ pub mod catalog;
 mod config;
 mod error;
 pub mod extent_map;
+mod limiter;
 mod log;
 mod remote;
 mod volume;
 
 pub use config::EngineConfig;
 pub use error::{EngineError, error_chain};
+pub use limiter::UploadLimiter;
 pub use volume::{Volume, VolumeCounters, VolumeStatus};
 
 use catalog::{Catalog, References};
@@ -117,6 +119,8 @@ pub struct Engine {
     /// Serialises volume and snapshot lifecycle changes and garbage collection.
     admin: tokio::sync::Mutex<()>,
     gc_candidates: Mutex<HashMap<String, Instant>>,
+    /// The upload bandwidth limit every volume of this gateway shares.
+    limiter: Arc<UploadLimiter>,
     _lock: std::fs::File,
 }
 
@@ -157,6 +161,7 @@ impl Engine {
             volumes: Mutex::new(BTreeMap::new()),
             admin: tokio::sync::Mutex::new(()),
             gc_candidates: Mutex::new(HashMap::new()),
+            limiter: Arc::new(UploadLimiter::default()),
             _lock: lock,
         });
         let ids = if engine.config.attach_only {
@@ -220,6 +225,19 @@ impl Engine {
 
     pub fn config(&self) -> &EngineConfig {
         &self.config
+    }
+
+    /// Limits this gateway's uploads to `bytes_per_second` across all its volumes; 0 lifts
+    /// the limit. Writes are still acknowledged from the write log: a limit only makes the
+    /// log drain slower (and, once it is full, writes wait).
+    pub fn set_upload_limit(&self, bytes_per_second: u64) {
+        self.limiter.set_rate(bytes_per_second);
+        tracing::info!(bytes_per_second, "upload bandwidth limit set");
+    }
+
+    /// The upload bandwidth limit in force (0: none).
+    pub fn upload_limit(&self) -> u64 {
+        self.limiter.rate()
     }
 
     fn volume_dir(&self, id: &str) -> PathBuf {
@@ -338,6 +356,7 @@ impl Engine {
             local,
             store: self.store.clone(),
             config: self.config.clone(),
+            limiter: self.limiter.clone(),
         })
     }
 
@@ -781,6 +800,7 @@ impl Engine {
             local,
             store: self.store.clone(),
             config: self.config.clone(),
+            limiter: self.limiter.clone(),
         })?;
         self.volumes_lock()?.insert(spec.id.clone(), volume.clone());
         tracing::info!(volume = %spec.id, size, mode = %spec.mode, source = ?spec.source, "volume created");

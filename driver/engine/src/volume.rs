@@ -31,6 +31,7 @@ use crate::cache::ChunkCache;
 use crate::config::EngineConfig;
 use crate::error::{EngineError, error_chain};
 use crate::extent_map::{Advance, ExtentMap};
+use crate::limiter::UploadLimiter;
 use crate::log::{self, HEADER_LEN, LogFile, RecordKind};
 use crate::remote::{self, RemoteState};
 use crate::unix_now;
@@ -191,6 +192,8 @@ pub struct Volume {
     detaching: AtomicBool,
     store: Arc<dyn ObjectStore>,
     config: Arc<EngineConfig>,
+    /// The gateway's upload bandwidth limit, shared by its volumes.
+    limiter: Arc<UploadLimiter>,
     dir: PathBuf,
     log_dir: PathBuf,
     state: Mutex<State>,
@@ -219,6 +222,7 @@ pub(crate) struct OpenParams {
     pub local: LocalState,
     pub store: Arc<dyn ObjectStore>,
     pub config: Arc<EngineConfig>,
+    pub limiter: Arc<UploadLimiter>,
 }
 
 impl Volume {
@@ -234,6 +238,7 @@ impl Volume {
             local,
             store,
             config,
+            limiter,
         } = params;
         let log_dir = dir.join("log");
         std::fs::create_dir_all(&log_dir).map_err(|e| EngineError::local(&log_dir, e))?;
@@ -437,6 +442,7 @@ impl Volume {
             counters: VolumeCounters::default(),
             tasks: Mutex::new(Vec::new()),
             config,
+            limiter,
         });
         // Replayed data is already durable on local disk, but sync once so that a flush
         // after restart has nothing older to cover.
@@ -1277,7 +1283,10 @@ impl Volume {
             // writer that was fenced during an outage stops as soon as the bucket answers.
             let attempt = match self.check_fenced().await {
                 Ok(true) => return None,
-                Ok(false) => self.store.put(&key, object.clone()).await,
+                Ok(false) => {
+                    self.limiter.acquire(object.len() as u64).await;
+                    self.store.put(&key, object.clone()).await
+                }
                 Err(error) => Err(error),
             };
             match attempt {
