@@ -4,15 +4,18 @@
 #   scripts/test.sh
 #
 # On a fresh Debian 12 machine with Rust (rustup) as root or with sudo, it installs:
-#   - apt: libnbd-bin nbdkit fio python3-libnbd qemu-utils g++ wget (skipped when all are present;
-#     wget is for the debootstrap that scripts/guest/build.sh unpacks for the guest tests)
+#   - apt: libnbd-bin nbdkit fio python3-libnbd qemu-utils g++ wget python3-venv (skipped when all
+#     are present; wget is for the debootstrap that scripts/guest/build.sh unpacks for the guest
+#     tests, python3-venv for the venv of scripts/validate-crds.sh)
 #   - cargo-nextest, s3s-fs 0.14.1 (the S3 server the tests start), cargo-fuzz (when missing)
 # and then runs, in order:
 #   1. cargo fmt --all -- --check
 #   2. cargo clippy --workspace --all-targets --all-features -- -D warnings
-#   3. a 30 s fuzz smoke of the NBD request decoder (driver/nbd/fuzz, see its README)
-#   4. cargo test --doc --workspace
-#   5. cargo nextest run --workspace --all-features   (profile: .config/nextest.toml)
+#   3. scripts/validate-crds.sh: crds/*.yaml as Kubernetes 1.33 CRDs (kubernetes-validate), the
+#      examples against their schemas; its Python venv is created once (PyPI, ~10 s) and reused
+#   4. a 30 s fuzz smoke of the NBD request decoder (driver/nbd/fuzz, see its README)
+#   5. cargo test --doc --workspace
+#   6. cargo nextest run --workspace --all-features   (profile: .config/nextest.toml)
 #      This includes the guest tests (tests/tests/guest_*.rs): as root they boot a QEMU guest
 #      with a real kernel, building it first (network to the Debian mirror, ~2 min) unless
 #      cached; see docs/guest-tests.md.
@@ -22,6 +25,7 @@
 #   CARGO_TARGET_DIR          default $HOME/.cache/blockgate/target (shared by all checkouts)
 #   BLOCKGATE_FUZZ_SECONDS    fuzz smoke duration, default 30; 0 skips it
 #   BLOCKGATE_SKIP_INSTALL=1  do not install anything (fail later if something is missing)
+#   BLOCKGATE_VENV            the venv of scripts/validate-crds.sh, default $HOME/.cache/blockgate/venv
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -34,7 +38,7 @@ export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 FUZZ_SECONDS=${BLOCKGATE_FUZZ_SECONDS:-30}
 FUZZ_TARGET_DIR=${BLOCKGATE_FUZZ_TARGET_DIR:-$(dirname "$CARGO_TARGET_DIR")/fuzz-target}
 
-APT_PACKAGES=(libnbd-bin nbdkit fio python3-libnbd qemu-utils g++ wget)
+APT_PACKAGES=(libnbd-bin nbdkit fio python3-libnbd qemu-utils g++ wget python3-venv)
 S3S_FS_VERSION=0.14.1
 
 section() {
@@ -146,6 +150,7 @@ fi
 check "format (cargo fmt --check)" cargo fmt --all -- --check
 check "lint (cargo clippy -D warnings)" \
     cargo clippy --workspace --all-targets --all-features -- -D warnings
+check "CRDs validate (kubernetes-validate)" scripts/validate-crds.sh
 if [ "$FUZZ_SECONDS" != 0 ]; then
     check "fuzz smoke: NBD request decoder, ${FUZZ_SECONDS} s" fuzz_smoke
 fi

@@ -124,6 +124,13 @@ pub fn backlog_growing(window: &[StatusReport]) -> Option<Finding> {
     })
 }
 
+/// Where an `ObjectStoreErrors` message names the last error: `…; last error on volume ID:
+/// TEXT`. [`finding_cause`] reads the text back from a Gateway's status.
+const LAST_ERROR_ON_VOLUME: &str = "; last error on volume ";
+
+/// Longest cause a fleet finding names: enough for an S3 error code and its sentence.
+const CAUSE_MAX_CHARS: usize = 240;
+
 pub fn object_store_errors(window: &[StatusReport]) -> Option<Finding> {
     let errors = counter_growth(window, |report| report.object_store_errors_total);
     let severity = if errors >= OBJECT_STORE_ERRORS_CRITICAL {
@@ -138,7 +145,12 @@ pub fn object_store_errors(window: &[StatusReport]) -> Option<Finding> {
         .volumes
         .iter()
         .find(|volume| !volume.last_error.is_empty())
-        .map(|volume| format!("; volume {}: {}", volume.volume_id, volume.last_error))
+        .map(|volume| {
+            format!(
+                "{LAST_ERROR_ON_VOLUME}{}: {}",
+                volume.volume_id, volume.last_error
+            )
+        })
         .unwrap_or_default();
     Some(Finding {
         analyzer: OBJECT_STORE_ERRORS,
@@ -218,10 +230,47 @@ pub fn analyze(
     .collect()
 }
 
+/// What a finding's message says went wrong, in a form that reads the same on every gateway
+/// with the same problem: for `ObjectStoreErrors`, the last error with object keys and URLs
+/// (anything with a `/`, which differs per volume and segment) left out, so an S3
+/// authentication failure on ten gateways is one cause, not ten. `None` when the analyzer
+/// has no cause to tell apart or the message names none.
+pub fn finding_cause(analyzer: &str, message: &str) -> Option<String> {
+    if analyzer != OBJECT_STORE_ERRORS {
+        return None;
+    }
+    let (_, error) = message
+        .split_once(LAST_ERROR_ON_VOLUME)?
+        .1
+        .split_once(": ")?;
+    let words: Vec<String> = error
+        .split_whitespace()
+        .map(|word| {
+            if word.contains('/') {
+                let punctuation = word.trim_end_matches([':', ',', ';', '.', ')']);
+                format!("…{}", &word[punctuation.len()..])
+            } else {
+                word.to_owned()
+            }
+        })
+        .collect();
+    let cause = words.join(" ");
+    if cause.is_empty() {
+        return None;
+    }
+    Some(match cause.char_indices().nth(CAUSE_MAX_CHARS) {
+        Some((cut, _)) => format!("{}…", &cause[..cut]),
+        None => cause,
+    })
+}
+
 /// The same finding on many gateways of one version.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FleetFinding {
     pub analyzer: String,
+    /// The cause the affected gateways share ([`finding_cause`]), when enough of them share
+    /// one; `None`: the analyzer has none, or the gateways' causes differ.
+    pub cause: Option<String>,
     pub version: String,
     pub affected: usize,
     pub gateways: usize,
@@ -229,18 +278,31 @@ pub struct FleetFinding {
 
 impl FleetFinding {
     pub fn message(&self) -> String {
-        format!(
+        let mut message = format!(
             "{} of {} gateways running {} report {}",
             self.affected, self.gateways, self.version, self.analyzer
-        )
+        );
+        if let Some(cause) = &self.cause {
+            message.push_str(": ");
+            message.push_str(cause);
+        }
+        message
     }
 }
 
+fn is_fleet_wide(affected: usize, gateways: usize) -> bool {
+    affected >= FLEET_MIN_GATEWAYS && affected * 100 >= gateways * FLEET_PERCENT
+}
+
 /// Fleet findings across `gateways` (one StorageGateway's), grouped by the version they
-/// report running; the most widespread first.
+/// report running and by analyzer, and within an analyzer by cause ([`finding_cause`]): the
+/// same cause on enough gateways is named in the fleet finding; an analyzer's findings with
+/// causes that differ still make one fleet finding, without a cause, when together they are
+/// enough. The most widespread first.
 pub fn fleet(gateways: &[Gateway]) -> Vec<FleetFinding> {
-    // version → (gateways, analyzer → affected)
-    let mut by_version: BTreeMap<&str, (usize, BTreeMap<&str, usize>)> = BTreeMap::new();
+    // version → (gateways, analyzer → cause → affected)
+    type Causes = BTreeMap<Option<String>, usize>;
+    let mut by_version: BTreeMap<&str, (usize, BTreeMap<&str, Causes>)> = BTreeMap::new();
     for gateway in gateways {
         let Some(status) = &gateway.status else {
             continue;
@@ -251,25 +313,38 @@ pub fn fleet(gateways: &[Gateway]) -> Vec<FleetFinding> {
         let entry = by_version.entry(version).or_default();
         entry.0 += 1;
         for finding in &status.findings {
-            *entry.1.entry(finding.analyzer.as_str()).or_default() += 1;
+            let cause = finding_cause(&finding.analyzer, &finding.message);
+            *entry
+                .1
+                .entry(finding.analyzer.as_str())
+                .or_default()
+                .entry(cause)
+                .or_default() += 1;
         }
     }
-    let mut findings: Vec<FleetFinding> = by_version
-        .into_iter()
-        .flat_map(|(version, (total, analyzers))| {
-            analyzers
-                .into_iter()
-                .filter(move |(_, affected)| {
-                    *affected >= FLEET_MIN_GATEWAYS && affected * 100 >= total * FLEET_PERCENT
-                })
-                .map(move |(analyzer, affected)| FleetFinding {
-                    analyzer: analyzer.to_owned(),
-                    version: version.to_owned(),
-                    affected,
-                    gateways: total,
-                })
-        })
-        .collect();
+    let mut findings = Vec::new();
+    for (version, (total, analyzers)) in by_version {
+        for (analyzer, causes) in analyzers {
+            let finding = |cause: Option<String>, affected: usize| FleetFinding {
+                analyzer: analyzer.to_owned(),
+                cause,
+                version: version.to_owned(),
+                affected,
+                gateways: total,
+            };
+            let shared: Vec<FleetFinding> = causes
+                .iter()
+                .filter(|(cause, affected)| cause.is_some() && is_fleet_wide(**affected, total))
+                .map(|(cause, affected)| finding(cause.clone(), *affected))
+                .collect();
+            let affected: usize = causes.values().sum();
+            if !shared.is_empty() {
+                findings.extend(shared);
+            } else if is_fleet_wide(affected, total) {
+                findings.push(finding(None, affected));
+            }
+        }
+    }
     findings.sort_by(|a, b| {
         b.affected
             .cmp(&a.affected)
@@ -440,6 +515,109 @@ mod tests {
         gateway
     }
 
+    const DENIED: &str = "service error: InvalidAccessKeyId: The AWS Access Key Id you provided does not exist in our records.";
+
+    /// An `ObjectStoreErrors` finding as a gateway writing `volume`'s `segment` would have it.
+    fn upload_failing(volume: &str, segment: u64, error: &str) -> HealthFinding {
+        let window = sequence(|n, r| {
+            r.object_store_errors_total = 10 * n;
+            r.volumes = vec![VolumeReport {
+                volume_id: volume.into(),
+                last_error: format!(
+                    "object store refused put of clusters/prod/volumes/{volume}/segments/{segment:016x}: {error}"
+                ),
+                ..VolumeReport::default()
+            }];
+        });
+        let finding = object_store_errors(&window).unwrap();
+        HealthFinding {
+            analyzer: finding.analyzer.into(),
+            severity: finding.severity,
+            message: finding.message,
+            since: Time(Timestamp::UNIX_EPOCH),
+        }
+    }
+
+    fn gateway_with(name: &str, findings: Vec<HealthFinding>) -> Gateway {
+        let mut gateway = gateway(name, "0.1.0", &[]);
+        if let Some(status) = gateway.status.as_mut() {
+            status.findings = findings;
+        }
+        gateway
+    }
+
+    #[test]
+    fn the_cause_of_object_store_errors_leaves_out_what_differs_per_volume() {
+        let one = upload_failing("pvc-1", 42, DENIED);
+        let other = upload_failing("pvc-9", 7, DENIED);
+        assert!(
+            one.message.contains("pvc-1") && one.message.contains(DENIED),
+            "{}",
+            one.message
+        );
+        let cause = finding_cause(&one.analyzer, &one.message).unwrap();
+        assert_eq!(cause, format!("object store refused put of …: {DENIED}"));
+        assert_eq!(finding_cause(&other.analyzer, &other.message), Some(cause));
+        // No error text, or an analyzer without causes: nothing to group by.
+        assert_eq!(
+            finding_cause(
+                OBJECT_STORE_ERRORS,
+                "7 object-store errors over the last 3 reports"
+            ),
+            None
+        );
+        assert_eq!(finding_cause(BACKLOG_GROWING, &one.message), None);
+        // A cause is kept short enough for a condition message.
+        let long = upload_failing("pvc-1", 1, &"x".repeat(1000));
+        let cause = finding_cause(&long.analyzer, &long.message).unwrap();
+        assert!(
+            cause.chars().count() <= CAUSE_MAX_CHARS + 1,
+            "{}",
+            cause.len()
+        );
+    }
+
+    #[test]
+    fn a_fleet_finding_names_the_error_its_gateways_share() {
+        let slow = "service error: SlowDown: Please reduce your request rate.";
+        let gateways = vec![
+            gateway_with("a", vec![upload_failing("pvc-1", 1, DENIED)]),
+            gateway_with("b", vec![upload_failing("pvc-2", 9, DENIED)]),
+            gateway_with("c", vec![upload_failing("pvc-3", 4, slow)]),
+            gateway_with("d", vec![]),
+            gateway_with("e", vec![]),
+        ];
+        let found = fleet(&gateways);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].affected, 2);
+        assert_eq!(
+            found[0].message(),
+            format!(
+                "2 of 5 gateways running 0.1.0 report ObjectStoreErrors: object store refused put of …: {DENIED}"
+            )
+        );
+        // One gateway per error: none is widespread, but object-store errors on three of
+        // five gateways are, whatever each one's error.
+        let mixed = vec![
+            gateway_with("a", vec![upload_failing("pvc-1", 1, DENIED)]),
+            gateway_with("b", vec![upload_failing("pvc-2", 1, slow)]),
+            gateway_with("c", vec![upload_failing("pvc-3", 1, "timed out")]),
+            gateway_with("d", vec![]),
+            gateway_with("e", vec![]),
+        ];
+        let found = fleet(&mixed);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!((found[0].affected, found[0].cause.as_deref()), (3, None));
+        // One gateway with the error is that gateway's finding, not the fleet's.
+        let single = vec![
+            gateway_with("a", vec![upload_failing("pvc-1", 1, DENIED)]),
+            gateway_with("b", vec![]),
+            gateway_with("c", vec![]),
+            gateway_with("d", vec![]),
+        ];
+        assert!(fleet(&single).is_empty());
+    }
+
     #[test]
     fn the_same_finding_on_many_gateways_of_a_version_is_a_fleet_finding() {
         let mut gateways: Vec<Gateway> = (0..6)
@@ -456,6 +634,7 @@ mod tests {
             fleet(&gateways),
             vec![FleetFinding {
                 analyzer: OBJECT_STORE_ERRORS.into(),
+                cause: None,
                 version: "0.2.0".into(),
                 affected: 2,
                 gateways: 3,

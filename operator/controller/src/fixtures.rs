@@ -493,6 +493,9 @@ pub const GATEWAYS: &str = "/apis/blockgate.io/v1alpha1/namespaces/blockgate-sys
 pub const STORAGE_GATEWAYS: &str =
     "/apis/blockgate.io/v1alpha1/namespaces/blockgate-system/storagegateways";
 pub const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/blockgate-system/leases";
+/// Where kube's event [`kube::runtime::events::Recorder`] creates Events (events.k8s.io/v1):
+/// the fake stores them like any object, so a test reads what `kubectl get events` would list.
+pub const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/blockgate-system/events";
 
 /// The example StorageGateway of `crds/examples` without the encryption key, bandwidth and
 /// maintenance window: node selector `blockgate.io/gateway=true`, a toleration of

@@ -16,6 +16,7 @@
 
 pub mod activation;
 pub mod analyzers;
+pub mod bandwidth;
 pub mod blockstore;
 pub mod context;
 pub mod control_ca;

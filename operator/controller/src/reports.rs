@@ -622,14 +622,13 @@ fn findings_status(tracked: &Tracked) -> Vec<HealthFinding> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fixtures::{FakeApi, GATEWAYS, storage_gateway};
+    use crate::fixtures::{EVENTS, FakeApi, GATEWAYS, storage_gateway};
     use blockgate_proto::control::v1::{Hello, VolumeReport};
     use kube::runtime::events::Reporter;
     use std::sync::Arc;
 
     const ID: &str = "blockgate-system/fleet/node-1";
     const GIB: u64 = 1 << 30;
-    const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/blockgate-system/events";
 
     fn report(sequence: u64, write_log_bytes: u64) -> StatusReport {
         StatusReport {

@@ -750,6 +750,7 @@ mod tests {
     use super::*;
     use crate::fixtures::*;
     use crate::gateway::RefuseWhileAttached;
+    use serde_json::Value;
 
     struct Cluster {
         fake: FakeApi,
@@ -975,6 +976,253 @@ mod tests {
         assert_eq!(cluster.fake.names(PODS), ["fleet-gw-node-a"]);
         cluster.reconcile().await.unwrap();
         assert_eq!(cluster.status().desired_gateways, Some(1));
+    }
+
+    /// The pods as they are, by name: `(resourceVersion, image, args)`.
+    fn pods(fake: &FakeApi) -> BTreeMap<String, (Value, Value, Value)> {
+        fake.names(PODS)
+            .into_iter()
+            .map(|name| {
+                let pod = fake.get(PODS, &name).unwrap();
+                let container = &pod["spec"]["containers"][0];
+                let seen = (
+                    pod["metadata"]["resourceVersion"].clone(),
+                    container["image"].clone(),
+                    container["args"].clone(),
+                );
+                (name, seen)
+            })
+            .collect()
+    }
+
+    fn arg_after<'a>(args: &'a Value, flag: &str) -> &'a str {
+        let args = args.as_array().unwrap();
+        let at = args
+            .iter()
+            .position(|a| a == flag)
+            .unwrap_or_else(|| panic!("no {flag} in {args:?}"));
+        args[at + 1].as_str().unwrap()
+    }
+
+    /// A user's edit of the StorageGateway's spec (the API server bumps the generation).
+    fn edit_spec(fake: &FakeApi, change: impl FnOnce(&mut Value)) {
+        fake.edit(STORAGE_GATEWAYS, "fleet", |sg| {
+            change(&mut sg["spec"]);
+            let generation = sg["metadata"]["generation"].as_i64().unwrap();
+            sg["metadata"]["generation"] = json!(generation + 1);
+        });
+    }
+
+    #[tokio::test]
+    async fn a_node_added_later_gets_its_gateway_and_pod_and_the_others_are_left_alone() {
+        let cluster = Cluster::new();
+        cluster.settle().await.unwrap();
+        let before = pods(&cluster.fake);
+        cluster.fake.insert(
+            NODES,
+            node("node-e", &[("blockgate.io/gateway", "true")], &[]),
+        );
+        cluster.reconcile().await.unwrap();
+
+        assert_eq!(
+            cluster.fake.names(GATEWAYS),
+            ["fleet-node-a", "fleet-node-b", "fleet-node-e"]
+        );
+        let after = pods(&cluster.fake);
+        assert_eq!(
+            after.keys().collect::<Vec<_>>(),
+            ["fleet-gw-node-a", "fleet-gw-node-b", "fleet-gw-node-e"]
+        );
+        let pod = cluster.fake.get(PODS, "fleet-gw-node-e").unwrap();
+        assert_eq!(pod["spec"]["nodeName"], "node-e");
+        assert_eq!(
+            pod["spec"]["containers"][0]["image"],
+            "ghcr.io/blockgate/gateway:0.1.0"
+        );
+        // The running gateways' pods were not touched.
+        for (name, seen) in &before {
+            assert_eq!(&after[name], seen, "{name} changed");
+        }
+        let status = cluster.status();
+        assert_eq!(status.desired_gateways, Some(3));
+        assert_eq!(
+            cluster.condition(condition::READY).message,
+            "0 of 3 gateways ready"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_spec_update_reaches_new_gateways_and_leaves_running_pods_to_the_rollout() {
+        let cluster = Cluster::new();
+        cluster.settle().await.unwrap();
+        for pod in ["fleet-gw-node-a", "fleet-gw-node-b"] {
+            cluster.set_pod_ready(pod);
+        }
+        for gateway in ["fleet-node-a", "fleet-node-b"] {
+            cluster.reconcile_gateway(gateway).await.unwrap();
+            cluster.reconcile_gateway(gateway).await.unwrap();
+        }
+        let before = pods(&cluster.fake);
+        assert_eq!(
+            arg_after(&before["fleet-gw-node-a"].2, "--log-capacity"),
+            (64u64 << 30).to_string()
+        );
+
+        edit_spec(&cluster.fake, |spec| {
+            spec["version"] = json!("0.2.0");
+            spec["writeLog"]["size"] = json!("128Gi");
+        });
+        cluster.reconcile().await.unwrap();
+
+        // Pods are never changed in place (most of a pod spec is immutable, and replacing a
+        // gateway interrupts its volumes); the Gateways keep the version they run until a
+        // rollout moves them.
+        assert_eq!(pods(&cluster.fake), before);
+        for gateway in ["fleet-node-a", "fleet-node-b"] {
+            let gateway = cluster.fake.get(GATEWAYS, gateway).unwrap();
+            assert_eq!(gateway["spec"]["version"], "0.1.0");
+        }
+        // The status says the new spec is seen and no gateway runs it yet.
+        let status = cluster.status();
+        assert_eq!(status.observed_generation, Some(2));
+        assert_eq!(
+            (
+                status.desired_gateways,
+                status.ready_gateways,
+                status.updated_gateways
+            ),
+            (Some(2), Some(2), Some(0))
+        );
+        assert_eq!(
+            cluster.condition(condition::READY).observed_generation,
+            Some(2)
+        );
+
+        // A gateway started after the update gets the new spec.
+        cluster.fake.insert(
+            NODES,
+            node("node-e", &[("blockgate.io/gateway", "true")], &[]),
+        );
+        cluster.reconcile().await.unwrap();
+        let gateway = cluster.fake.get(GATEWAYS, "fleet-node-e").unwrap();
+        assert_eq!(gateway["spec"]["version"], "0.2.0");
+        let (_, image, args) = &pods(&cluster.fake)["fleet-gw-node-e"];
+        assert_eq!(image, "ghcr.io/blockgate/gateway:0.2.0");
+        assert_eq!(
+            arg_after(args, "--log-capacity"),
+            (128u64 << 30).to_string()
+        );
+        assert_eq!(
+            pods(&cluster.fake)["fleet-gw-node-a"],
+            before["fleet-gw-node-a"]
+        );
+        cluster.set_pod_ready("fleet-gw-node-e");
+        cluster.reconcile_gateway("fleet-node-e").await.unwrap();
+        cluster.reconcile_gateway("fleet-node-e").await.unwrap();
+        cluster.reconcile().await.unwrap();
+        let status = cluster.status();
+        assert_eq!(
+            (
+                status.desired_gateways,
+                status.ready_gateways,
+                status.updated_gateways
+            ),
+            (Some(3), Some(3), Some(1))
+        );
+        assert_eq!(
+            cluster.condition(condition::READY).reason,
+            "AllGatewaysReady"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_changed_toleration_or_node_selector_moves_the_fleet_to_the_nodes_it_now_selects() {
+        let cluster = Cluster::new();
+        cluster.settle().await.unwrap();
+        for gateway in ["fleet-node-a", "fleet-node-b"] {
+            cluster.reconcile_gateway(gateway).await.unwrap();
+        }
+
+        // Without the toleration, node-b's taint keeps the fleet off it.
+        edit_spec(&cluster.fake, |spec| {
+            spec["tolerations"] = json!([]);
+        });
+        cluster.reconcile().await.unwrap();
+        let leaving = cluster.fake.get(GATEWAYS, "fleet-node-b").unwrap();
+        assert!(leaving["metadata"].get("deletionTimestamp").is_some());
+        // Its pod stops once the Gateway's detach finalizer has run.
+        assert!(cluster.fake.get(PODS, "fleet-gw-node-b").is_some());
+        cluster.reconcile_gateway("fleet-node-b").await.unwrap();
+        assert_eq!(cluster.fake.names(GATEWAYS), ["fleet-node-a"]);
+        assert_eq!(cluster.fake.names(PODS), ["fleet-gw-node-a"]);
+        assert_eq!(cluster.status().desired_gateways, Some(1));
+
+        // A new node selector: node-c is labelled for it, node-a is not.
+        cluster.fake.edit(NODES, "node-c", |n| {
+            n["metadata"]["labels"] = json!({"pool": "storage"});
+        });
+        edit_spec(&cluster.fake, |spec| {
+            spec["nodeSelector"] = json!({"pool": "storage"});
+        });
+        cluster.reconcile().await.unwrap();
+        cluster.reconcile_gateway("fleet-node-a").await.unwrap();
+        assert_eq!(cluster.fake.names(GATEWAYS), ["fleet-node-c"]);
+        assert_eq!(cluster.fake.names(PODS), ["fleet-gw-node-c"]);
+        cluster.reconcile().await.unwrap();
+        let status = cluster.status();
+        assert_eq!(status.observed_generation, Some(3));
+        assert_eq!(status.desired_gateways, Some(1));
+        assert_eq!(
+            cluster.condition(condition::READY).message,
+            "0 of 1 gateways ready"
+        );
+
+        // A selector no node matches: nothing runs, and the status says why.
+        cluster.reconcile_gateway("fleet-node-c").await.unwrap();
+        edit_spec(&cluster.fake, |spec| {
+            spec["nodeSelector"] = json!({"pool": "nowhere"});
+        });
+        cluster.reconcile().await.unwrap();
+        cluster.reconcile_gateway("fleet-node-c").await.unwrap();
+        assert!(cluster.fake.names(PODS).is_empty());
+        let ready = cluster.condition(condition::READY);
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "NoMatchingNodes")
+        );
+        assert_eq!(cluster.status().desired_gateways, Some(0));
+    }
+
+    #[tokio::test]
+    async fn deleting_a_fleet_with_nothing_attached_removes_everything_then_the_finalizer() {
+        let cluster = Cluster::new();
+        cluster.settle().await.unwrap();
+        for gateway in ["fleet-node-a", "fleet-node-b"] {
+            cluster.reconcile_gateway(gateway).await.unwrap();
+        }
+        let sgs: Api<StorageGateway> =
+            Api::namespaced(cluster.ctx.client.clone(), "blockgate-system");
+        sgs.delete("fleet", &DeleteParams::default()).await.unwrap();
+        // The finalizer holds the object while its Gateways detach and stop.
+        let sg = cluster.storage_gateway().unwrap();
+        assert!(sg.metadata.deletion_timestamp.is_some());
+        let waiting = cluster.reconcile().await.unwrap_err();
+        assert!(waiting.is_waiting(), "{waiting}");
+        assert!(
+            cluster
+                .condition(condition::READY)
+                .message
+                .contains("gateway fleet-node-a"),
+        );
+        for gateway in ["fleet-node-a", "fleet-node-b"] {
+            cluster.reconcile_gateway(gateway).await.unwrap();
+        }
+        assert!(cluster.fake.names(GATEWAYS).is_empty());
+        assert!(cluster.fake.names(PODS).is_empty());
+        cluster.reconcile().await.unwrap();
+        assert!(cluster.storage_gateway().is_none());
+        // Nothing was started anew while deleting.
+        assert!(cluster.fake.names(GATEWAYS).is_empty());
     }
 
     #[tokio::test]
@@ -1225,6 +1473,298 @@ mod tests {
         assert_eq!(
             (paused.status.as_str(), paused.reason.as_str()),
             ("False", "NoFleetFinding")
+        );
+    }
+
+    fn recorder(client: &kube::Client) -> kube::runtime::events::Recorder {
+        kube::runtime::events::Recorder::new(
+            client.clone(),
+            kube::runtime::events::Reporter {
+                controller: crate::FIELD_MANAGER.into(),
+                instance: Some("op-a".into()),
+            },
+        )
+    }
+
+    /// The Events recorded so far: `(kind/name regarded, type, reason, note)`.
+    fn events(fake: &FakeApi) -> Vec<(String, String, String, String)> {
+        let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+        fake.names(EVENTS)
+            .iter()
+            .filter_map(|name| fake.get(EVENTS, name))
+            .map(|event| {
+                let regarding = &event["regarding"];
+                (
+                    format!("{}/{}", text(&regarding["kind"]), text(&regarding["name"])),
+                    text(&event["type"]),
+                    text(&event["reason"]),
+                    text(&event["note"]),
+                )
+            })
+            .collect()
+    }
+
+    fn events_with_reason(fake: &FakeApi, reason: &str) -> Vec<(String, String, String, String)> {
+        events(fake)
+            .into_iter()
+            .filter(|event| event.2 == reason)
+            .collect()
+    }
+
+    /// What an S3 server answers to a wrong access key, as the gateway's uploader records it
+    /// (the object key differs per gateway, volume and segment).
+    const AUTH_ERROR: &str = "service error: InvalidAccessKeyId: The AWS Access Key Id you provided does not exist in our records.";
+
+    /// The gateways' side of the control channel: each node's gateway reports through the
+    /// [`crate::reports::GatewayReports`] sink, as the control hub hands reports over, and the
+    /// report worker writes them into the Gateways.
+    struct Gateways {
+        sink: crate::reports::GatewayReports,
+        worker: crate::reports::ReportWorker,
+        deliveries: tokio::sync::mpsc::UnboundedReceiver<crate::reports::Delivery>,
+        /// Per node: reports sent, object-store errors so far.
+        counters: BTreeMap<String, (u64, u64)>,
+    }
+
+    impl Gateways {
+        fn new(client: &kube::Client) -> Self {
+            let (sink, worker, deliveries) = crate::reports::ReportWorker::new(
+                client.clone(),
+                Arc::default(),
+                Some(recorder(client)),
+                "op-a".into(),
+                Duration::from_secs(10),
+            );
+            Self {
+                sink,
+                worker,
+                deliveries,
+                counters: BTreeMap::new(),
+            }
+        }
+
+        fn id(node: &str) -> String {
+            format!("blockgate-system/fleet/{node}")
+        }
+
+        fn connect(&mut self, node: &str) {
+            use blockgate_operator_control::ReportSink;
+            let hello = blockgate_proto::control::v1::Hello {
+                gateway_id: Self::id(node),
+                node: node.into(),
+                version: "0.1.0".into(),
+                ..Default::default()
+            };
+            self.sink.event(
+                &Self::id(node),
+                blockgate_operator_control::ConnectionEvent::Connected(hello),
+            );
+            self.counters.insert(node.to_owned(), (0, 0));
+        }
+
+        /// One report from `node`'s gateway; `new_errors` object-store errors since its last
+        /// report, all of them `error` (an upload of a segment of volume `pvc-<node>`).
+        fn report(&mut self, node: &str, new_errors: u64, error: Option<&str>) {
+            use blockgate_operator_control::ReportSink;
+            let (sequence, errors) = self.counters.entry(node.to_owned()).or_default();
+            *sequence += 1;
+            *errors += new_errors;
+            let volume = format!("pvc-{node}");
+            let last_error = error
+                .map(|error| {
+                    format!(
+                        "object store refused put of clusters/prod/volumes/{volume}/segments/{:016x}: {error}",
+                        *sequence
+                    )
+                })
+                .unwrap_or_default();
+            let at_unix = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs();
+            let report = blockgate_proto::control::v1::StatusReport {
+                sequence: *sequence,
+                at_unix,
+                version: "0.1.0".into(),
+                volumes: vec![blockgate_proto::control::v1::VolumeReport {
+                    volume_id: volume,
+                    size_bytes: 10 << 30,
+                    device_path: "/dev/nbd0".into(),
+                    last_error,
+                    ..Default::default()
+                }],
+                write_log_bytes: 1 << 30,
+                write_log_capacity_bytes: 64 << 30,
+                cache_bytes: 1 << 30,
+                cache_capacity_bytes: 256 << 30,
+                object_store_errors_total: *errors,
+                ..Default::default()
+            };
+            self.sink.report(&Self::id(node), report);
+        }
+
+        /// The worker writes what the sink queued, as its run loop does.
+        async fn deliver(&mut self) {
+            while let Ok(delivery) = self.deliveries.try_recv() {
+                self.worker.handle(delivery).await.unwrap();
+            }
+        }
+    }
+
+    fn gateway_status(fake: &FakeApi, node: &str) -> blockgate_operator_api::GatewayStatus {
+        let gateway: Gateway =
+            serde_json::from_value(fake.get(GATEWAYS, &format!("fleet-{node}")).unwrap()).unwrap();
+        gateway.status.unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn the_same_s3_authentication_error_on_many_gateways_pauses_the_rollout_until_it_stops() {
+        // Five gateways of one version: node-a and node-b of the fixture and three more.
+        let cluster = Cluster::new();
+        let labels = &[("blockgate.io/gateway", "true")];
+        for node_name in ["node-e", "node-f", "node-g"] {
+            cluster.fake.insert(NODES, node(node_name, labels, &[]));
+        }
+        let client = kube::Client::new(cluster.fake.clone(), "default");
+        let cluster = Cluster {
+            ctx: Arc::new(
+                Context::new(
+                    client.clone(),
+                    Arc::default(),
+                    Arc::new(RefuseWhileAttached),
+                )
+                .with_recorder(recorder(&client)),
+            ),
+            fake: cluster.fake,
+        };
+        cluster.settle().await.unwrap();
+        let nodes = ["node-a", "node-b", "node-e", "node-f", "node-g"];
+        assert_eq!(cluster.fake.names(GATEWAYS).len(), nodes.len());
+
+        let mut gateways = Gateways::new(&client);
+        for node in nodes {
+            gateways.connect(node);
+            gateways.report(node, 0, None);
+        }
+        gateways.deliver().await;
+        cluster.reconcile().await.unwrap();
+        let paused = cluster.condition(condition::ROLLOUT_PAUSED);
+        assert_eq!(
+            (paused.status.as_str(), paused.reason.as_str()),
+            ("False", "NoFleetFinding")
+        );
+
+        // One gateway's uploads are refused: that gateway's finding, not the fleet's.
+        for _ in 0..2 {
+            gateways.report("node-a", 6, Some(AUTH_ERROR));
+            for node in &nodes[1..] {
+                gateways.report(node, 0, None);
+            }
+        }
+        gateways.deliver().await;
+        let status = gateway_status(&cluster.fake, "node-a");
+        assert_eq!(status.findings.len(), 1, "{:?}", status.findings);
+        assert_eq!(status.findings[0].analyzer, analyzers::OBJECT_STORE_ERRORS);
+        assert!(
+            status.findings[0].message.contains("InvalidAccessKeyId"),
+            "{}",
+            status.findings[0].message
+        );
+        let degraded = condition::find_condition(&status.conditions, condition::DEGRADED).unwrap();
+        assert_eq!(
+            (degraded.status.as_str(), degraded.reason.as_str()),
+            ("True", analyzers::OBJECT_STORE_ERRORS)
+        );
+        for node in &nodes[1..] {
+            assert!(gateway_status(&cluster.fake, node).findings.is_empty());
+        }
+        let found = events_with_reason(&cluster.fake, analyzers::OBJECT_STORE_ERRORS);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(
+            (found[0].0.as_str(), found[0].1.as_str()),
+            ("Gateway/fleet-node-a", "Warning")
+        );
+        cluster.reconcile().await.unwrap();
+        let paused = cluster.condition(condition::ROLLOUT_PAUSED);
+        assert_eq!(
+            (paused.status.as_str(), paused.reason.as_str()),
+            ("False", "NoFleetFinding")
+        );
+        assert!(events_with_reason(&cluster.fake, "RolloutPaused").is_empty());
+
+        // Three more gateways get the same answer (on other volumes and segments): a fleet
+        // finding, which pauses the rollout.
+        for _ in 0..2 {
+            for node in &nodes[..4] {
+                gateways.report(node, 6, Some(AUTH_ERROR));
+            }
+            gateways.report("node-g", 0, None);
+        }
+        gateways.deliver().await;
+        for node in &nodes[..4] {
+            let findings = gateway_status(&cluster.fake, node).findings;
+            assert_eq!(findings.len(), 1, "{node}: {findings:?}");
+        }
+        assert!(gateway_status(&cluster.fake, "node-g").findings.is_empty());
+        cluster.reconcile().await.unwrap();
+        let paused = cluster.condition(condition::ROLLOUT_PAUSED);
+        assert_eq!(
+            (paused.status.as_str(), paused.reason.as_str()),
+            ("True", FLEET_FINDING)
+        );
+        let expected = format!(
+            "4 of 5 gateways running 0.1.0 report ObjectStoreErrors: object store refused put of …: {AUTH_ERROR}"
+        );
+        assert_eq!(paused.message, expected);
+        let pause_events = events_with_reason(&cluster.fake, "RolloutPaused");
+        assert_eq!(pause_events.len(), 1, "{pause_events:?}");
+        assert_eq!(
+            pause_events[0],
+            (
+                "StorageGateway/fleet".to_owned(),
+                "Warning".to_owned(),
+                "RolloutPaused".to_owned(),
+                expected
+            )
+        );
+        // Each affected gateway has its own Event too, and a later reconcile repeats nothing.
+        assert_eq!(
+            events_with_reason(&cluster.fake, analyzers::OBJECT_STORE_ERRORS).len(),
+            4
+        );
+        cluster.reconcile().await.unwrap();
+        assert_eq!(events_with_reason(&cluster.fake, "RolloutPaused").len(), 1);
+
+        // The credentials are fixed: no new errors. Once the errors have aged out of the
+        // analyzers' window, the findings clear, and with them the pause.
+        for _ in 0..crate::reports::REPORT_WINDOW {
+            for node in nodes {
+                gateways.report(node, 0, None);
+            }
+        }
+        gateways.deliver().await;
+        for node in nodes {
+            let status = gateway_status(&cluster.fake, node);
+            assert!(status.findings.is_empty(), "{node}: {:?}", status.findings);
+            let degraded =
+                condition::find_condition(&status.conditions, condition::DEGRADED).unwrap();
+            assert_eq!(degraded.status, "False", "{node}");
+        }
+        assert_eq!(
+            events_with_reason(&cluster.fake, "ObjectStoreErrorsResolved").len(),
+            4
+        );
+        cluster.reconcile().await.unwrap();
+        let paused = cluster.condition(condition::ROLLOUT_PAUSED);
+        assert_eq!(
+            (paused.status.as_str(), paused.reason.as_str()),
+            ("False", "NoFleetFinding")
+        );
+        let resumed = events_with_reason(&cluster.fake, "RolloutResumed");
+        assert_eq!(resumed.len(), 1, "{resumed:?}");
+        assert_eq!(
+            (resumed[0].0.as_str(), resumed[0].1.as_str()),
+            ("StorageGateway/fleet", "Normal")
         );
     }
 }
