@@ -81,6 +81,97 @@ pub fn upload_limit_at(limits: &BandwidthLimits, at: Timestamp) -> Result<u64, B
     rate(limits.upload_bytes_per_second.as_ref())
 }
 
+/// Applies the bandwidth limits of every StorageGateway to the gateways whose streams this
+/// replica holds, every `interval`: a gateway gets `SetBandwidthLimit` when it has not been
+/// told the limit in force yet (it just connected here) or when the limit changed (a schedule
+/// boundary passed, or the spec changed). Runs until the task is dropped.
+pub async fn enforce(
+    client: kube::Client,
+    hub: std::sync::Arc<blockgate_operator_control::Hub>,
+    interval: std::time::Duration,
+) {
+    use std::collections::HashMap;
+
+    use blockgate_operator_api::StorageGateway;
+    use blockgate_proto::control::v1::{Command, SetBandwidthLimit, command, command_result};
+    use kube::Api;
+    use kube::api::ListParams;
+
+    let api: Api<StorageGateway> = Api::all(client);
+    // Gateway id -> the limit it was told last.
+    let mut told: HashMap<String, u64> = HashMap::new();
+    let mut ticker = tokio::time::interval(interval);
+    loop {
+        ticker.tick().await;
+        let held = hub.held();
+        told.retain(|gateway, _| held.contains(gateway));
+        if held.is_empty() {
+            continue;
+        }
+        let fleets = match api.list(&ListParams::default()).await {
+            Ok(list) => list.items,
+            Err(error) => {
+                tracing::warn!(%error, "cannot list StorageGateways to apply bandwidth limits");
+                continue;
+            }
+        };
+        let now = Timestamp::now();
+        for gateway in held {
+            // Gateway ids are `<namespace>/<storage-gateway>/<node>`.
+            let mut parts = gateway.splitn(3, '/');
+            let (Some(namespace), Some(name)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            let Some(fleet) = fleets.iter().find(|f| {
+                f.metadata.namespace.as_deref() == Some(namespace)
+                    && f.metadata.name.as_deref() == Some(name)
+            }) else {
+                continue;
+            };
+            let limit = match fleet
+                .spec
+                .bandwidth
+                .as_ref()
+                .map(|b| upload_limit_at(b, now))
+            {
+                None => 0,
+                Some(Ok(limit)) => limit,
+                Some(Err(error)) => {
+                    tracing::warn!(storage_gateway = %format!("{namespace}/{name}"), %error, "bandwidth limits cannot be evaluated");
+                    continue;
+                }
+            };
+            if told.get(&gateway) == Some(&limit) {
+                continue;
+            }
+            let command = Command {
+                id: format!("bandwidth-{}-{limit}", now.as_second()),
+                deadline_unix_ms: 0,
+                kind: Some(command::Kind::SetBandwidthLimit(SetBandwidthLimit {
+                    upload_bytes_per_second: limit,
+                })),
+            };
+            match hub.send(&gateway, command, interval).await {
+                Ok(result) => match result.outcome {
+                    Some(command_result::Outcome::Ok(_)) => {
+                        tracing::info!(%gateway, upload_bytes_per_second = limit, "bandwidth limit applied");
+                        told.insert(gateway, limit);
+                    }
+                    Some(command_result::Outcome::Failure(failure)) => {
+                        tracing::warn!(%gateway, code = failure.code, message = %failure.message, "the gateway refused the bandwidth limit");
+                        // Not retried every tick: a gateway that cannot limit says so once.
+                        told.insert(gateway, limit);
+                    }
+                    None => {}
+                },
+                Err(error) => {
+                    tracing::warn!(%gateway, %error, "cannot send the bandwidth limit");
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use blockgate_operator_api::storage_gateway::BandwidthInterval;

@@ -178,6 +178,11 @@ async fn main() -> anyhow::Result<()> {
         Arc::new(sink),
     );
     tokio::spawn(registry.renew_held(hub.clone()));
+    tokio::spawn(blockgate_operator::bandwidth::enforce(
+        client.clone(),
+        hub.clone(),
+        Duration::from_secs(30),
+    ));
     let control_listener = tokio::net::TcpListener::bind(cli.control_address)
         .await
         .with_context(|| format!("listen on {}", cli.control_address))?;
