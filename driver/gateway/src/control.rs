@@ -7,6 +7,14 @@
 //! once per id: a command sent again gets the first run's result from a small cache. The data
 //! plane does not depend on this channel: when the operator is unreachable, volumes are served
 //! as before while the channel reconnects with backoff.
+//!
+//! The gateway may be given several endpoints. In production it is one: the address of the
+//! Service in front of the operator's replicas, which picks a live replica for each new
+//! connection. Where there is no such load balancer (tests on loopback, a replica addressed
+//! directly), the gateway tries the endpoints in the order given, starting with the first,
+//! and moves on to the next one whenever a connection fails or its stream ends, so the
+//! gateways of a replica that dies reconnect to another. It backs off only after every
+//! endpoint has failed once in a row.
 
 mod log_ring;
 
@@ -59,8 +67,9 @@ const CAPABILITIES: &[&str] = &[
 /// Where the operator is and who this gateway is.
 #[derive(Debug, Clone)]
 pub struct ControlOptions {
-    /// `https://host:port`.
-    pub endpoint: String,
+    /// `https://host:port` of the operator's control server, at least one; tried in turn
+    /// (production: the one address of the operator's Service).
+    pub endpoints: Vec<String>,
     /// The CA bundle that verifies the operator's server certificate.
     pub ca_file: PathBuf,
     /// The one-time activation token; needed only until a certificate is saved.
@@ -141,35 +150,92 @@ pub async fn run(context: ControlContext) {
     let commands = Arc::new(CommandCache::default());
     let started_unix = unix_now().as_secs();
     let mut backoff = Backoff::default();
-    let mut last_failure: Option<String> = None;
+    let mut rotation = Rotation::new(context.options.endpoints.len());
+    // The last failure logged per endpoint, so a channel that stays down logs once.
+    let mut last_failure: HashMap<String, String> = HashMap::new();
     loop {
-        let error = match session(&context, &commands, started_unix, &mut backoff).await {
-            Ok(()) => ControlError::StreamEnded,
-            Err(error) => error,
+        let Some(endpoint) = context.options.endpoints.get(rotation.current()).cloned() else {
+            tracing::error!("no control endpoint; the control channel stays down");
+            return;
         };
-        let message = error_chain(&error);
-        if last_failure.as_deref() != Some(message.as_str()) {
-            tracing::warn!(endpoint = %context.options.endpoint, error = %message, "control channel down; reconnecting with backoff");
-            last_failure = Some(message);
-        } else {
-            tracing::debug!(endpoint = %context.options.endpoint, error = %message, "control channel still down");
+        let mut connected = false;
+        let error =
+            match session(&context, &endpoint, &commands, started_unix, &mut connected).await {
+                Ok(()) => ControlError::StreamEnded,
+                Err(error) => error,
+            };
+        if connected {
+            backoff.reset();
+            last_failure.remove(&endpoint);
         }
-        tokio::time::sleep(backoff.next_delay()).await;
+        let message = describe(&error);
+        if last_failure.get(&endpoint) != Some(&message) {
+            tracing::warn!(endpoint = %endpoint, error = %message, "control channel down; reconnecting");
+            last_failure.insert(endpoint, message);
+        } else {
+            tracing::debug!(endpoint = %endpoint, error = %message, "control channel still down");
+        }
+        if rotation.advance(connected) {
+            tokio::time::sleep(backoff.next_delay()).await;
+        }
     }
 }
 
-/// One connection: activation if needed, then the stream until it ends.
+/// Which endpoint to try next: each in turn, and a pause (the backoff) once every endpoint
+/// failed in a row, or after a stream that was up ends.
+#[derive(Debug)]
+struct Rotation {
+    count: usize,
+    position: usize,
+    failed_in_a_row: usize,
+}
+
+impl Rotation {
+    fn new(count: usize) -> Rotation {
+        Rotation {
+            count: count.max(1),
+            position: 0,
+            failed_in_a_row: 0,
+        }
+    }
+
+    fn current(&self) -> usize {
+        self.position
+    }
+
+    /// Moves on to the next endpoint after an attempt (`connected`: its stream was up);
+    /// whether to back off before trying it.
+    fn advance(&mut self, connected: bool) -> bool {
+        self.position = (self.position + 1) % self.count;
+        if connected {
+            // A short pause (the backoff was just reset) against a server that accepts and
+            // drops streams in a loop.
+            self.failed_in_a_row = 0;
+            return true;
+        }
+        self.failed_in_a_row += 1;
+        if self.failed_in_a_row >= self.count {
+            self.failed_in_a_row = 0;
+            return true;
+        }
+        false
+    }
+}
+
+/// One connection to `endpoint`: activation if needed, then the stream until it ends.
+/// `connected` is set once the operator acknowledged the hello.
 async fn session(
     context: &Arc<ControlContext>,
+    endpoint: &str,
     commands: &Arc<CommandCache>,
     started_unix: u64,
-    backoff: &mut Backoff,
+    connected: &mut bool,
 ) -> Result<(), ControlError> {
     let options = &context.options;
     let ca_pem = read_file(&options.ca_file)?;
     let credentials = match load_credentials(&context.data_dir, options)? {
         Some(credentials) => credentials,
-        None => activate(&context.data_dir, options, &ca_pem).await?,
+        None => activate(&context.data_dir, options, endpoint, &ca_pem).await?,
     };
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(&ca_pem))
@@ -177,7 +243,7 @@ async fn session(
             &credentials.certificate_pem,
             &credentials.key_pem,
         ));
-    let channel = connect(&options.endpoint, tls).await?;
+    let channel = connect(endpoint, tls).await?;
     let (up, outbound) = mpsc::channel::<proto::GatewayMessage>(64);
     let hello = proto::Hello {
         gateway_id: credentials.gateway_id.clone(),
@@ -208,8 +274,8 @@ async fn session(
         },
         _ => return Err(ControlError::NoHelloAck),
     };
-    backoff.reset();
-    tracing::info!(endpoint = %options.endpoint, gateway = %credentials.gateway_id, report_interval_seconds = interval.as_secs(), "connected to the operator's control server");
+    *connected = true;
+    tracing::info!(endpoint = %endpoint, gateway = %credentials.gateway_id, report_interval_seconds = interval.as_secs(), "connected to the operator's control server");
     let reporter = tokio::spawn(report_periodically(context.clone(), up.clone(), interval));
     let _stop_reporter = AbortOnDrop(reporter);
     loop {
@@ -261,6 +327,16 @@ async fn connect(endpoint: &str, tls: ClientTlsConfig) -> Result<Channel, Contro
         .map_err(ControlError::Connect)
 }
 
+/// An error and its causes (`error_chain` gives the causes only).
+fn describe(error: &dyn std::error::Error) -> String {
+    let causes = error_chain(error);
+    if causes.is_empty() {
+        error.to_string()
+    } else {
+        format!("{error}: {causes}")
+    }
+}
+
 fn read_file(path: &Path) -> Result<String, ControlError> {
     std::fs::read_to_string(path).map_err(|source| ControlError::ReadFile {
         path: path.to_path_buf(),
@@ -292,6 +368,7 @@ fn load_credentials(
 async fn activate(
     data_dir: &Path,
     options: &ControlOptions,
+    endpoint: &str,
     ca_pem: &str,
 ) -> Result<Credentials, ControlError> {
     let token = match &options.token_file {
@@ -315,7 +392,7 @@ async fn activate(
         .and_then(|request| request.pem())
         .map_err(ControlError::CertificateRequest)?;
     let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca_pem));
-    let channel = connect(&options.endpoint, tls).await?;
+    let channel = connect(endpoint, tls).await?;
     let response = ActivationClient::new(channel)
         .activate(proto::ActivateRequest {
             token,
@@ -640,8 +717,8 @@ async fn execute(context: Arc<ControlContext>, command: proto::Command) -> proto
             success(&id, value)
         }
         Err(error) => {
-            tracing::warn!(command = %id, kind = name, error = %error_chain(&error), "command failed");
-            failure(&id, error.code(), error_chain(&error))
+            tracing::warn!(command = %id, kind = name, error = %describe(&error), "command failed");
+            failure(&id, error.code(), describe(&error))
         }
     }
 }
@@ -788,7 +865,7 @@ async fn state_json(context: &ControlContext) -> Result<String, CommandError> {
         "version": env!("CARGO_PKG_VERSION"),
         "node": context.options.node_name,
         "storage_gateway": context.options.storage_gateway,
-        "control_endpoint": context.options.endpoint,
+        "control_endpoints": context.options.endpoints,
         "store": context.engine.store().describe(),
         "volumes": volumes,
         "attachments": attachments,
@@ -815,6 +892,30 @@ mod tests {
         assert!(backoff.next_delay() >= BACKOFF_CAP / 2);
         backoff.reset();
         assert!(backoff.next_delay() <= BACKOFF_FIRST);
+    }
+
+    #[test]
+    fn endpoints_are_tried_in_turn_backing_off_after_a_whole_round_fails() {
+        let mut rotation = Rotation::new(3);
+        assert_eq!(rotation.current(), 0);
+        assert!(!rotation.advance(false));
+        assert_eq!(rotation.current(), 1);
+        assert!(!rotation.advance(false));
+        assert_eq!(rotation.current(), 2);
+        // Every endpoint failed: back off before the next round.
+        assert!(rotation.advance(false));
+        assert_eq!(rotation.current(), 0);
+        // A stream that was up ends: a pause, then the next endpoint, and a new round.
+        assert!(rotation.advance(true));
+        assert_eq!(rotation.current(), 1);
+        assert!(!rotation.advance(false));
+        assert!(!rotation.advance(false));
+        assert!(rotation.advance(false));
+
+        let mut single = Rotation::new(1);
+        assert!(single.advance(false));
+        assert_eq!(single.current(), 0);
+        assert!(single.advance(true));
     }
 
     #[test]

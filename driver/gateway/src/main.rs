@@ -200,8 +200,11 @@ struct ServeArgs {
     log_format: String,
     /// The operator's control server, `https://HOST:PORT`: the gateway dials it and keeps a
     /// stream open for commands and status reports. Without it the gateway runs standalone.
-    #[arg(long, env = "BLOCKGATE_CONTROL_ENDPOINT")]
-    control_endpoint: Option<String>,
+    /// In production this is one address, the operator's Service. Several (comma-separated
+    /// or repeated) are tried in turn, starting with the first, moving on when a connection
+    /// fails or its stream ends: for replicas with no load balancer in front.
+    #[arg(long, env = "BLOCKGATE_CONTROL_ENDPOINT", value_delimiter = ',')]
+    control_endpoint: Vec<String>,
     /// CA bundle (PEM) that verifies the control server's certificate.
     #[arg(long, env = "BLOCKGATE_CONTROL_CA")]
     control_ca: Option<PathBuf>,
@@ -219,10 +222,19 @@ struct ServeArgs {
 
 /// The control channel's settings, when `--control-endpoint` is given.
 fn control_options(args: &ServeArgs) -> anyhow::Result<Option<control::ControlOptions>> {
-    let Some(endpoint) = args.control_endpoint.clone() else {
+    let endpoints: Vec<String> = args
+        .control_endpoint
+        .iter()
+        .map(|endpoint| endpoint.trim().to_string())
+        .filter(|endpoint| !endpoint.is_empty())
+        .collect();
+    if endpoints.is_empty() {
         return Ok(None);
-    };
-    if !endpoint.starts_with("https://") {
+    }
+    if let Some(endpoint) = endpoints
+        .iter()
+        .find(|endpoint| !endpoint.starts_with("https://"))
+    {
         bail!("--control-endpoint {endpoint}: expected https://HOST:PORT");
     }
     let ca_file = args
@@ -241,7 +253,7 @@ fn control_options(args: &ServeArgs) -> anyhow::Result<Option<control::ControlOp
         .clone()
         .context("--control-endpoint needs --node-name")?;
     Ok(Some(control::ControlOptions {
-        endpoint,
+        endpoints,
         ca_file,
         token_file: args.activation_token_file.clone(),
         storage_gateway,
@@ -769,7 +781,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }));
     }
     if let Some(options) = control_options {
-        say(&format!("control server: {}", options.endpoint));
+        say(&format!("control server: {}", options.endpoints.join(", ")));
         tasks.push(tokio::spawn(control::run(control::ControlContext {
             engine: engine.clone(),
             node: node.clone(),

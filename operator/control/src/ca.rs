@@ -163,6 +163,27 @@ impl CertificateAuthority {
         })
     }
 
+    /// A gateway's client certificate with a new key pair made here, as activation would
+    /// give it but without a request from the gateway: for tests and tools that act as a
+    /// gateway (a gateway itself keeps its key and sends a request).
+    pub fn issue_gateway_certificate(
+        &self,
+        gateway_id: &str,
+        validity: Duration,
+    ) -> Result<IssuedCertificate, CaError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(CaError::GenerateKey)?;
+        let mut params = leaf_params(gateway_id, validity)?;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let certificate = params
+            .signed_by(&key, &self.issuer)
+            .map_err(CaError::Sign)?;
+        Ok(IssuedCertificate {
+            certificate_pem: certificate.pem(),
+            key_pem: key.serialize_pem(),
+            not_after: system_time(params.not_after),
+        })
+    }
+
     /// Signs a gateway's certificate request: the certificate carries the request's public key
     /// and nothing else from it; its subject is `gateway_id`, and it is good for client
     /// authentication only.
