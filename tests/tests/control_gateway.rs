@@ -18,8 +18,8 @@ use blockgate_operator_control::{
     InMemoryReportSink, InMemoryTokenStore, ServerTls, StaticPeers, serve,
 };
 use blockgate_proto::control::v1::{
-    CollectDiagnostics, Command as ControlCommand, CommandOutput, CreateSnapshot, command,
-    command_output, command_result,
+    CollectDiagnostics, Command as ControlCommand, CommandOutput, CreateSnapshot,
+    SetBandwidthLimit, command, command_output, command_result,
 };
 
 const DAY: Duration = Duration::from_secs(86_400);
@@ -251,6 +251,36 @@ async fn a_gateway_activates_reports_runs_commands_and_reconnects() {
             .iter()
             .any(|line| line.contains(&token))
     );
+
+    // A bandwidth limit is applied and shows in the next reports.
+    let result = server
+        .hub
+        .send(
+            GATEWAY_ID,
+            ControlCommand {
+                id: "bandwidth-1".into(),
+                deadline_unix_ms: 0,
+                kind: Some(command::Kind::SetBandwidthLimit(SetBandwidthLimit {
+                    upload_bytes_per_second: 4 << 20,
+                })),
+            },
+            WAIT,
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(result.outcome, Some(command_result::Outcome::Ok(_))),
+        "{result:?}"
+    );
+    let limited = server
+        .sink
+        .wait_for(WAIT, |recorded| {
+            recorded.reports.iter().any(|(id, report)| {
+                id == GATEWAY_ID && report.bandwidth_limit_bytes_per_second == 4 << 20
+            })
+        })
+        .await;
+    assert!(limited, "no report with the limit\n{}", read(&log_path));
 
     // The operator restarts: the gateway comes back with its saved certificate.
     server.stop().await;

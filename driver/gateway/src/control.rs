@@ -59,6 +59,7 @@ const DEFAULT_DETACH_TIMEOUT: Duration = Duration::from_secs(600);
 const CAPABILITIES: &[&str] = &[
     "create_snapshot",
     "flush",
+    "set_bandwidth_limit",
     "collect_diagnostics",
     "expand_volume",
     "detach_volume",
@@ -540,6 +541,7 @@ async fn status_report(
         sequence,
         at_unix: unix_now().as_secs(),
         version: env!("CARGO_PKG_VERSION").to_string(),
+        bandwidth_limit_bytes_per_second: context.engine.upload_limit(),
         ..proto::StatusReport::default()
     };
     let mut uploaded_total = 0;
@@ -790,9 +792,10 @@ async fn run_kind(
             }
             Ok(None)
         }
-        command::Kind::SetBandwidthLimit(_) => Err(CommandError::Unimplemented(
-            "this gateway has no upload bandwidth limiter",
-        )),
+        command::Kind::SetBandwidthLimit(request) => {
+            engine.set_upload_limit(request.upload_bytes_per_second);
+            Ok(None)
+        }
         command::Kind::CollectDiagnostics(request) => {
             let lines = match request.log_lines {
                 0 => DEFAULT_DIAGNOSTIC_LINES,
