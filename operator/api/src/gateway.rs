@@ -206,6 +206,40 @@ pub struct GatewayStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["analyzer".into()]))]
     pub findings: Vec<HealthFinding>,
+    /// The last diagnostics request and its outcome. A request is made by setting (or
+    /// changing) the annotation `blockgate.io/diagnostics-request` on the Gateway to any
+    /// value, e.g. `kubectl annotate gateway NAME blockgate.io/diagnostics-request=$(date +%s)
+    /// --overwrite`: the operator asks the gateway for its recent log lines and state over
+    /// the control channel and writes them into the ConfigMap `<gateway>-diagnostics`
+    /// (`logs.txt`, `state.json`), owned by the Gateway. A request that failed is not retried;
+    /// a new annotation value asks again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diagnostics: Option<DiagnosticsStatus>,
+}
+
+/// The annotation a user sets (to any new value) on a Gateway to collect its diagnostics;
+/// see [`GatewayStatus::diagnostics`].
+pub const DIAGNOSTICS_REQUEST_ANNOTATION: &str = "blockgate.io/diagnostics-request";
+
+/// The outcome of the last diagnostics request (annotation
+/// `blockgate.io/diagnostics-request`).
+#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DiagnosticsStatus {
+    /// The value of the `blockgate.io/diagnostics-request` annotation this outcome answers;
+    /// a different annotation value is a new request.
+    pub request: String,
+    /// When the diagnostics were collected; absent when the request failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collected_at: Option<Time>,
+    /// The ConfigMap (in the Gateway's namespace) holding `logs.txt` and `state.json`;
+    /// absent when the request failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map: Option<String>,
+    /// Why the request failed (gateway not connected, refused, deadline passed, ...); set a
+    /// new annotation value to try again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// How a volume is stored.

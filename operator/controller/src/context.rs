@@ -1,10 +1,11 @@
 //! What every reconcile gets besides its object: the client, the metrics, the volume
-//! detacher, and the retry backoff of failed reconciles.
+//! detacher, the control channel's hub, and the retry backoff of failed reconciles.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use blockgate_operator_control::Hub;
 use kube::Client;
 use kube::runtime::events::Recorder;
 
@@ -24,6 +25,9 @@ pub struct Context {
     pub control: Option<ControlSettings>,
     /// Where Events go (the fleet analyzer's pause and resume); `None` in most tests.
     pub recorder: Option<Recorder>,
+    /// The gateways' control streams, for commands the reconcilers send (diagnostics);
+    /// `None`: no control channel, and such requests fail with a message in the status.
+    pub hub: Option<Arc<Hub>>,
     /// Consecutive failures per object (`kind/namespace/name`), for the retry backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -59,6 +63,7 @@ impl Context {
             detacher,
             control: None,
             recorder: None,
+            hub: None,
             failures: Mutex::new(HashMap::new()),
         }
     }
@@ -72,6 +77,12 @@ impl Context {
     /// Events are published through `recorder`.
     pub fn with_recorder(mut self, recorder: Recorder) -> Self {
         self.recorder = Some(recorder);
+        self
+    }
+
+    /// Commands to gateways (diagnostics) go through `hub`.
+    pub fn with_hub(mut self, hub: Arc<Hub>) -> Self {
+        self.hub = Some(hub);
         self
     }
 

@@ -1,9 +1,11 @@
-//! The Gateway reconciler: the `Ready` condition from the gateway pod, and the `blockgate.io/detach`
-//! finalizer that stops a gateway only after its volumes are detached.
+//! The Gateway reconciler: the `Ready` condition from the gateway pod, diagnostics on request
+//! (the annotation `blockgate.io/diagnostics-request`, see [`crate::diagnostics`]), and the
+//! `blockgate.io/detach` finalizer that stops a gateway only after its volumes are detached.
 //!
 //! Status ownership: this reconciler applies, as [`crate::FIELD_MANAGER`], exactly
-//! `status.observedGeneration` and the `Ready` entry of `status.conditions` (a list-map keyed
-//! by `type`, so entries are owned one by one). Everything the gateways report (volumes,
+//! `status.observedGeneration`, the `Ready` entry of `status.conditions` (a list-map keyed
+//! by `type`, so entries are owned one by one) and `status.diagnostics`, always together (an
+//! apply that left one out would remove it). Everything the gateways report (volumes,
 //! write log and cache use, upload, activation, connection, their own conditions) is for the
 //! control server to apply as [`crate::REPORTS_FIELD_MANAGER`]. Under server-side apply a
 //! manager's apply removes only fields that manager owned and left out, so neither wipes the
@@ -14,6 +16,7 @@ use std::time::Duration;
 
 use blockgate_operator_api::Gateway;
 use blockgate_operator_api::condition::{self, ConditionStatus, ConditionUpdate, set_condition};
+use blockgate_operator_api::gateway::DiagnosticsStatus;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -24,6 +27,7 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
 use crate::context::Context;
+use crate::diagnostics;
 use crate::metrics::Controller;
 use crate::pod;
 use crate::storage_gateway::ErrorChain;
@@ -209,13 +213,13 @@ fn pod_name(gateway: &Gateway) -> String {
     pod::pod_name(&gateway.spec.storage_gateway, &gateway.spec.node_name)
 }
 
-/// Applies `observedGeneration` and the `Ready` condition, and nothing else of the status.
+/// Applies `observedGeneration`, the `Ready` condition and `diagnostics` (`new`, else the
+/// current one kept), and nothing else of the status.
 async fn apply_ready(
     gateway: &Gateway,
     ctx: &Context,
-    status: ConditionStatus,
-    reason: &str,
-    message: &str,
+    (status, reason, message): (ConditionStatus, &str, &str),
+    new_diagnostics: Option<DiagnosticsStatus>,
 ) -> Result<(), Error> {
     let mut conditions = gateway
         .status
@@ -237,13 +241,23 @@ async fn apply_ready(
         .into_iter()
         .filter(|c| c.type_ == condition::READY)
         .collect();
+    let mut status = json!({
+        "observedGeneration": gateway.metadata.generation,
+        "conditions": ready,
+    });
+    // Re-applied every time: this manager owns it, and leaving it out would remove it.
+    if let Some(diagnostics) = new_diagnostics.or_else(|| {
+        gateway
+            .status
+            .as_ref()
+            .and_then(|status| status.diagnostics.clone())
+    }) {
+        status["diagnostics"] = json!(diagnostics);
+    }
     let patch = json!({
         "apiVersion": "blockgate.io/v1alpha1",
         "kind": "Gateway",
-        "status": {
-            "observedGeneration": gateway.metadata.generation,
-            "conditions": ready,
-        },
+        "status": status,
     });
     let api: Api<Gateway> =
         Api::namespaced(ctx.client.clone(), &gateway.namespace().unwrap_or_default());
@@ -316,7 +330,12 @@ async fn apply(gateway: &Gateway, ctx: &Context) -> Result<Action, Error> {
         .await
         .map_err(|source| Error::ReadPod { name, source })?;
     let (status, reason, message) = pod_readiness(pod.as_ref());
-    apply_ready(gateway, ctx, status, reason, &message).await?;
+    // After the pod is read, so that only the status apply can fail after a collection.
+    let new_diagnostics = match diagnostics::pending_request(gateway) {
+        Some(request) => Some(diagnostics::collect(gateway, ctx, request).await),
+        None => None,
+    };
+    apply_ready(gateway, ctx, (status, reason, &message), new_diagnostics).await?;
     Ok(Action::requeue(RESYNC))
 }
 
@@ -335,9 +354,8 @@ async fn cleanup(gateway: &Gateway, ctx: &Context) -> Result<Action, Error> {
             apply_ready(
                 gateway,
                 ctx,
-                ConditionStatus::False,
-                "DetachBlocked",
-                &message,
+                (ConditionStatus::False, "DetachBlocked", &message),
+                None,
             )
             .await?;
             return Err(Error::DetachBlocked(message));
@@ -363,9 +381,12 @@ async fn cleanup(gateway: &Gateway, ctx: &Context) -> Result<Action, Error> {
         apply_ready(
             gateway,
             ctx,
-            ConditionStatus::False,
-            "PodStopping",
-            "volumes detached; the gateway pod is stopping",
+            (
+                ConditionStatus::False,
+                "PodStopping",
+                "volumes detached; the gateway pod is stopping",
+            ),
+            None,
         )
         .await?;
     }

@@ -20,6 +20,7 @@ pub mod bandwidth;
 pub mod blockstore;
 pub mod context;
 pub mod control_ca;
+pub mod diagnostics;
 pub mod gateway;
 pub mod http;
 pub mod hub_gateways;

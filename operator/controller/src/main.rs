@@ -235,7 +235,8 @@ async fn main() -> anyhow::Result<()> {
             ca_pem: tls.ca_pem.clone(),
             token_validity: activation::TOKEN_VALIDITY,
         })
-        .with_recorder(recorder),
+        .with_recorder(recorder)
+        .with_hub(hub.clone()),
     );
     let shutdown = async {
         shutdown_signal().await;
