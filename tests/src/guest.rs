@@ -15,9 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::TokioIo;
-use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 use crate::TestDir;
 
@@ -218,18 +216,7 @@ impl Drop for Process {
 
 /// A gRPC channel over a unix socket; fails while nothing accepts on it.
 pub fn unix_channel(runtime: &tokio::runtime::Runtime, socket: &Path) -> Result<Channel, String> {
-    let shown = socket.display().to_string();
-    let socket = socket.to_path_buf();
     runtime
-        .block_on(
-            Endpoint::from_static("http://[::]:50051").connect_with_connector(tower::service_fn(
-                move |_: Uri| {
-                    let socket = socket.clone();
-                    async move {
-                        Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(socket).await?))
-                    }
-                },
-            )),
-        )
-        .map_err(|e| format!("cannot connect to {shown}: {e:?}"))
+        .block_on(blockgate_proto::unix::connect(socket))
+        .map_err(|e| format!("cannot connect to {}: {e:?}", socket.display()))
 }

@@ -16,11 +16,9 @@ use blockgate_e2e::binary::blockstore_binary;
 use blockgate_e2e::{Fill, Gateway, GatewayOptions, NbdClient, TestDir, VolumeModel, wait_until};
 use blockgate_objstore::S3sFsServer;
 use blockgate_proto::blockstore::v1 as pb;
-use hyper_util::rt::TokioIo;
 use pb::block_data_client::BlockDataClient;
 use pb::block_store_client::BlockStoreClient;
-use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 const MIB: u64 = 1 << 20;
 const BLOCK: u64 = 512 * 1024;
@@ -90,20 +88,8 @@ impl Clients {
             .build()
             .expect("tokio runtime");
         let channel = wait_until(Duration::from_secs(60), "the API socket", || {
-            let socket = socket.to_path_buf();
             runtime
-                .block_on(
-                    Endpoint::from_static("http://[::1]:50051").connect_with_connector(
-                        tower::service_fn(move |_: Uri| {
-                            let socket = socket.clone();
-                            async move {
-                                Ok::<_, std::io::Error>(TokioIo::new(
-                                    UnixStream::connect(socket).await?,
-                                ))
-                            }
-                        }),
-                    ),
-                )
+                .block_on(blockgate_proto::unix::connect(socket))
                 .map_err(|e| format!("{e}\n{}", api.log()))
         });
         Clients {

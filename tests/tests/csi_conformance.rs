@@ -19,9 +19,7 @@ use csi::controller_service_capability::rpc::Type as Rpc;
 use csi::identity_client::IdentityClient;
 use csi::snapshot_metadata_client::SnapshotMetadataClient;
 use csi::volume_capability::access_mode::Mode;
-use hyper_util::rt::TokioIo;
-use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 use tonic::{Code, Response, Status};
 
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -67,18 +65,8 @@ impl Drop for Process {
 }
 
 fn unix_channel(runtime: &tokio::runtime::Runtime, socket: &Path) -> Result<Channel, String> {
-    let socket = socket.to_path_buf();
     runtime
-        .block_on(
-            Endpoint::from_static("http://[::]:50051").connect_with_connector(tower::service_fn(
-                move |_: Uri| {
-                    let socket = socket.clone();
-                    async move {
-                        Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(socket).await?))
-                    }
-                },
-            )),
-        )
+        .block_on(blockgate_proto::unix::connect(socket))
         .map_err(|e| format!("cannot connect: {e:?}"))
 }
 

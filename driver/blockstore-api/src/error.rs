@@ -95,18 +95,4 @@ impl From<ApiError> for Status {
     }
 }
 
-/// An error and its causes, outermost first, joined by `: `: the store's details are in the
-/// causes, and clients need them to act.
-pub fn describe(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !message.ends_with(&cause_text) {
-            message.push_str(": ");
-            message.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    message
-}
+pub use blockgate_engine::describe;

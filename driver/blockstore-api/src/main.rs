@@ -127,15 +127,14 @@ async fn shutdown_signal() {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     init_logging(&args.log_format);
-    let path = server::unix_path(&args.listen).map_err(anyhow::Error::msg)?;
+    let path = blockgate_proto::unix::endpoint_path(&args.listen).map_err(anyhow::Error::msg)?;
     let gateways = AdminSocketGateways::new(parse_gateways(&args.gateways)?);
     let store = open_store(&args).await?;
     let state = State::new(
         Catalog::new(store, args.volume_block_size),
         Arc::new(gateways),
     );
-    let listener = server::bind_unix(&path)
-        .await
+    let listener = blockgate_proto::unix::bind(&path)
         .with_context(|| format!("cannot listen on {}", path.display()))?;
     tracing::info!(socket = %path.display(), "block-storage API listening");
     println!("listening unix://{}", path.display());

@@ -152,12 +152,12 @@ impl Harness {
         let gateways = Arc::new(InProcessGateways::default());
         let state = State::new(Catalog::new(store.clone(), 4096), gateways.clone());
         let socket = dir.path().join("api.sock");
-        let listener = server::bind_unix(&socket).await.unwrap();
+        let listener = blockgate_proto::unix::bind(&socket).unwrap();
         let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(server::serve(listener, state, async {
             let _ = stopped.await;
         }));
-        let channel = server::connect_unix(&socket);
+        let channel = blockgate_proto::unix::channel_lazy(&socket);
         Harness {
             s3,
             store,

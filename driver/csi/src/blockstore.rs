@@ -11,10 +11,8 @@ use blockgate_proto::blockstore::v1::{
     GetServiceInfoRequest, ServiceInfo, block_data_client::BlockDataClient,
     block_store_client::BlockStoreClient,
 };
-use hyper_util::rt::TokioIo;
-use tokio::net::UnixStream;
 use tokio::sync::OnceCell;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 /// Clients of the block-storage API, cheap to clone (they share one channel).
 #[derive(Debug, Clone)]
@@ -26,16 +24,7 @@ pub struct BlockStore {
 impl BlockStore {
     /// A lazily connecting channel to the API listening on `socket`.
     pub fn connect_lazy(socket: PathBuf) -> BlockStore {
-        // The URI is required by tonic but never used: the connector dials the socket.
-        let channel =
-            Endpoint::from_static("http://[::]:50051").connect_with_connector_lazy(
-                tower::service_fn(move |_: Uri| {
-                    let socket = socket.clone();
-                    async move {
-                        Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(socket).await?))
-                    }
-                }),
-            );
+        let channel = blockgate_proto::unix::channel_lazy(&socket);
         BlockStore {
             channel,
             service_info: Arc::new(OnceCell::new()),

@@ -8,9 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use blockgate_proto::gateway::v1::node_gateway_client::NodeGatewayClient;
-use hyper_util::rt::TokioIo;
-use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 /// A client of the gateway's node API, cheap to clone.
@@ -22,17 +20,7 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn connect_lazy(socket: PathBuf) -> Gateway {
-        let dial = socket.clone();
-        // The URI is required by tonic but never used: the connector dials the socket.
-        let channel =
-            Endpoint::from_static("http://[::]:50051").connect_with_connector_lazy(
-                tower::service_fn(move |_: Uri| {
-                    let socket = dial.clone();
-                    async move {
-                        Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(socket).await?))
-                    }
-                }),
-            );
+        let channel = blockgate_proto::unix::channel_lazy(&socket);
         Gateway { channel, socket }
     }
 
@@ -103,7 +91,7 @@ mod tests {
     #[tokio::test]
     async fn a_missing_gateway_says_so() {
         let gateway = Gateway {
-            channel: Endpoint::from_static("http://[::]:1").connect_lazy(),
+            channel: tonic::transport::Endpoint::from_static("http://[::]:1").connect_lazy(),
             socket: "/var/lib/blockgate/node.sock".into(),
         };
         let error = gateway.error("AttachVolume", Status::unavailable("connection refused"));

@@ -3,10 +3,9 @@
 //! and removing it on the way out.
 
 use std::io::ErrorKind;
-use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use blockgate_proto::csi::v1::{
     controller_server::ControllerServer, identity_server::IdentityServer, node_server::NodeServer,
     snapshot_metadata_server::SnapshotMetadataServer,
@@ -133,39 +132,9 @@ pub async fn serve_node(config: NodeConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Binds `path`, replacing a socket nobody listens on.
+/// Binds `path`, replacing a socket nobody listens on (never a live one or another file).
 fn bind(path: &Path) -> anyhow::Result<UnixListener> {
-    match std::fs::symlink_metadata(path) {
-        Ok(metadata) => {
-            if !metadata.file_type().is_socket() {
-                bail!(
-                    "{} exists and is not a socket; refusing to replace it",
-                    path.display()
-                );
-            }
-            match std::os::unix::net::UnixStream::connect(path) {
-                Ok(_) => bail!(
-                    "another process is listening on {}; refusing to take it over",
-                    path.display()
-                ),
-                Err(error) => {
-                    tracing::info!(socket = %path.display(), %error, "replacing a stale socket");
-                    std::fs::remove_file(path).with_context(|| {
-                        format!("cannot remove the stale socket {}", path.display())
-                    })?;
-                }
-            }
-        }
-        Err(error) if error.kind() == ErrorKind::NotFound => {}
-        Err(error) => {
-            return Err(error).with_context(|| format!("cannot inspect {}", path.display()));
-        }
-    }
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("cannot create {}", parent.display()))?;
-    }
-    UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))
+    Ok(blockgate_proto::unix::bind(path)?)
 }
 
 fn remove_socket(path: &Path) {

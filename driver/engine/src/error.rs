@@ -121,3 +121,14 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
     }
     parts.join(": ")
 }
+
+/// An error and its causes, outermost first, joined by `: ` (what a person reading a log line
+/// or a gRPC status needs; [`error_chain`] gives the causes alone).
+pub fn describe(error: &dyn std::error::Error) -> String {
+    let causes = error_chain(error);
+    if causes.is_empty() {
+        error.to_string()
+    } else {
+        format!("{error}: {causes}")
+    }
+}

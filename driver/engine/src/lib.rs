@@ -34,7 +34,7 @@ mod remote;
 mod volume;
 
 pub use config::EngineConfig;
-pub use error::{EngineError, error_chain};
+pub use error::{EngineError, describe, error_chain};
 pub use limiter::UploadLimiter;
 pub use volume::{Volume, VolumeCounters, VolumeStatus};
 

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use blockgate_engine::{Engine, EngineError, error_chain};
+use blockgate_engine::{Engine, EngineError, describe};
 use blockgate_proto::control::v1 as proto;
 use futures::FutureExt as _;
 use futures::future::{BoxFuture, Shared};
@@ -326,16 +326,6 @@ async fn connect(endpoint: &str, tls: ClientTlsConfig) -> Result<Channel, Contro
         .connect()
         .await
         .map_err(ControlError::Connect)
-}
-
-/// An error and its causes (`error_chain` gives the causes only).
-fn describe(error: &dyn std::error::Error) -> String {
-    let causes = error_chain(error);
-    if causes.is_empty() {
-        error.to_string()
-    } else {
-        format!("{error}: {causes}")
-    }
 }
 
 fn read_file(path: &Path) -> Result<String, ControlError> {

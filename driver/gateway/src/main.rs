@@ -673,15 +673,9 @@ async fn open_store(args: &ServeArgs) -> anyhow::Result<Arc<dyn ObjectStore>> {
 }
 
 /// Binds a unix socket, replacing a stale one left by a gateway that is gone.
-async fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
-    if path.exists() {
-        if tokio::net::UnixStream::connect(path).await.is_ok() {
-            bail!("{} is in use by a running process", path.display());
-        }
-        std::fs::remove_file(path)
-            .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
-    }
-    UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))
+fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
+    blockgate_proto::unix::bind(path)
+        .with_context(|| format!("cannot listen on {}", path.display()))
 }
 
 fn parse_volume_flag(flag: &str) -> anyhow::Result<VolumeSpec> {
@@ -746,9 +740,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .nbd_socket
         .clone()
         .unwrap_or_else(|| data_dir.join("nbd.sock"));
-    let nbd_listener = bind_unix(&nbd_socket).await?;
+    let nbd_listener = bind_unix(&nbd_socket)?;
     let admin_socket = data_dir.join("admin.sock");
-    let admin_listener = bind_unix(&admin_socket).await?;
+    let admin_listener = bind_unix(&admin_socket)?;
     let node_config = node::NodeConfig {
         default_connections: args.nbd_connections.clamp(1, node::MAX_CONNECTIONS),
         request_timeout_seconds: args.nbd_request_timeout_seconds,
@@ -765,7 +759,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::error!(%error, cause = %blockgate_engine::error_chain(&error), "cannot restore the node's attachments");
     }
     let node_socket = data_dir.join("node.sock");
-    let node_listener = bind_unix(&node_socket).await?;
+    let node_listener = bind_unix(&node_socket)?;
     let mut tasks = Vec::new();
     let admin_context = Arc::new(admin::AdminContext {
         engine: engine.clone(),

@@ -1129,17 +1129,7 @@ pub async fn connect(
     proto::node_gateway_client::NodeGatewayClient<tonic::transport::Channel>,
     tonic::transport::Error,
 > {
-    let socket = socket.to_path_buf();
-    // The URI is required by tonic but unused: the connector dials the socket.
-    let channel = tonic::transport::Endpoint::from_static("http://[::1]:50051")
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let socket = socket.clone();
-            async move {
-                let stream = tokio::net::UnixStream::connect(socket).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-            }
-        }))
-        .await?;
+    let channel = blockgate_proto::unix::connect(socket).await?;
     Ok(proto::node_gateway_client::NodeGatewayClient::new(channel))
 }
 

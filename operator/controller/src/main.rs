@@ -392,8 +392,7 @@ async fn start_blockstore(
         blockgate_engine::catalog::Catalog::new(store, block_size),
         gateways,
     );
-    let listener = blockgate_blockstore_api::server::bind_unix(socket)
-        .await
+    let listener = blockgate_proto::unix::bind(socket)
         .with_context(|| format!("listen on {}", socket.display()))?;
     tracing::info!(socket = %socket.display(), storagegateway = %format!("{namespace}/{name}"), "serving the block-storage API");
     let socket = socket.to_path_buf();
