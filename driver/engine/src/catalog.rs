@@ -277,6 +277,25 @@ impl Catalog {
                 (state, Some(Source::Volume { volume, snapshot }), size)
             }
         };
+        let (descriptor, _) = self
+            .write_new_volume(id, size, mode, source, remote)
+            .await?;
+        tracing::info!(volume = %id, size, %mode, "volume created in the bucket");
+        Ok(descriptor)
+    }
+
+    /// Writes a new volume's objects: its descriptor, then its first checkpoint (epoch 1,
+    /// sequence 0) holding `remote`'s map (empty, or its source's). Returns the descriptor and
+    /// the volume's bucket state as of that checkpoint. Shared by the block-storage API and a
+    /// standalone gateway creating a volume.
+    pub(crate) async fn write_new_volume(
+        &self,
+        id: &str,
+        size: u64,
+        mode: Mode,
+        source: Option<Source>,
+        remote: RemoteState,
+    ) -> Result<(VolumeDescriptor, RemoteState), EngineError> {
         let block = u64::from(self.block_size);
         if !size.is_multiple_of(block) {
             return Err(EngineError::InvalidArgument(format!(
@@ -297,7 +316,7 @@ impl Catalog {
             .await
             .map_err(|e| EngineError::store("write volume descriptor", e))?;
         // The volume's own history starts at epoch 1, sequence 0, whatever its source; the
-        // first gateway to attach it takes it over with a newer epoch.
+        // first writer to attach it takes it over with a newer epoch.
         let start = Name { epoch: 1, seq: 0 };
         let mut own = RemoteState::empty(start, size);
         own.map = remote.map;
@@ -310,8 +329,8 @@ impl Catalog {
             )
             .await
             .map_err(|e| EngineError::store("write checkpoint", e))?;
-        tracing::info!(volume = %id, size, %mode, "volume created in the bucket");
-        Ok(descriptor)
+        own.checkpoint_written(start);
+        Ok((descriptor, own))
     }
 
     fn source_size(&self, wanted: u64, source: u64, name: &str) -> Result<u64, EngineError> {

@@ -677,7 +677,6 @@ impl Engine {
     /// parameters (creation is idempotent by id).
     pub async fn create_volume(&self, spec: VolumeSpec) -> Result<Arc<Volume>, EngineError> {
         keys::validate_id(&spec.id).map_err(EngineError::InvalidArgument)?;
-        let block = u64::from(self.config.block_size);
         let _admin = self.admin.lock().await;
         if let Ok(existing) = self.volume(&spec.id) {
             let descriptor = self.descriptor(&spec.id).await?;
@@ -694,7 +693,7 @@ impl Engine {
             // Deleted, but its objects are still kept for its snapshots.
             return Err(EngineError::VolumeExists { id: spec.id });
         }
-        let (mut remote, source, size) = match &spec.source {
+        let (remote, source, size) = match &spec.source {
             VolumeSource::Empty => {
                 if spec.size == 0 {
                     return Err(EngineError::InvalidArgument(
@@ -750,42 +749,17 @@ impl Engine {
                 (remote, Some(source), size)
             }
         };
-        if size % block != 0 {
-            return Err(EngineError::InvalidArgument(format!(
-                "size {size} is not a multiple of the block size {block}"
-            )));
-        }
-        remote.size = size;
-        let descriptor = VolumeDescriptor {
-            format: documents::FORMAT,
-            id: spec.id.clone(),
-            size,
-            block_size: self.config.block_size,
-            mode: spec.mode,
-            created_unix: unix_now(),
-            source,
-        };
-        self.store
-            .put(
-                &keys::descriptor_key(&spec.id),
-                documents::encode(&descriptor),
-            )
-            .await
-            .map_err(|e| EngineError::store("write volume descriptor", e))?;
-        // The volume's own history starts at epoch 1, sequence 0, whatever its source.
-        let start = Name { epoch: 1, seq: 0 };
-        let mut own = RemoteState::empty(start, size);
-        own.map = remote.map;
-        own.segments = remote.segments;
-        own.segment_keys = remote.segment_keys;
-        self.put_checkpoint(&spec.id, &mut own, start).await?;
+        let (_, own) = self
+            .catalog
+            .write_new_volume(&spec.id, size, spec.mode, source, remote)
+            .await?;
         let dir = self.volume_dir(&spec.id);
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(|e| EngineError::local(&dir, e))?;
         }
         std::fs::create_dir_all(&dir).map_err(|e| EngineError::local(&dir, e))?;
         let local = LocalState {
-            epoch: start.epoch,
+            epoch: own.checkpoint.epoch,
             hydrated: spec.mode == Mode::Cached || own.map.is_empty(),
             pending_snapshots: Vec::new(),
             last_snapshot: None,
