@@ -19,11 +19,11 @@ use std::time::{Duration, Instant};
 
 use blockgate_blockstore::documents::{self, Mode, NameDoc, SnapshotManifest};
 use blockgate_blockstore::keys::{self, Name, SegmentRef};
-use blockgate_blockstore::segment::{Run, RunLocation, SegmentBuilder};
+use blockgate_blockstore::segment::{self, Run, RunLocation, SegmentBuilder};
 use blockgate_objstore::{ObjectStore, ObjectStoreError};
 use bytes::Bytes;
 use futures::StreamExt;
-use futures::stream::FuturesOrdered;
+use futures::stream::FuturesUnordered;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
@@ -1190,8 +1190,18 @@ impl Volume {
         write_local_state(&self.dir, &local)
     }
 
+    /// Uploads sealed log files, `upload_concurrency` at once, and applies them in sequence
+    /// order. A finished upload frees its slot at once (the next file starts while an older
+    /// one is still on the wire); it is applied when every file before it is.
     async fn run_uploader(self: Arc<Self>) {
-        let mut in_flight = FuturesOrdered::new();
+        let mut in_flight = FuturesUnordered::new();
+        // Sequence numbers dispatched and not yet applied, oldest first, and the uploads
+        // among them that finished out of order.
+        let mut dispatched: VecDeque<u64> = VecDeque::new();
+        let mut finished: BTreeMap<u64, Uploaded> = BTreeMap::new();
+        // Set when an upload could not be made (fenced, or a log file unreadable): nothing
+        // more is dispatched, the uploads before it are still applied, then the loop ends.
+        let mut stop_at: Option<u64> = None;
         let mut ticker =
             tokio::time::interval(self.config.seal_interval.max(Duration::from_millis(10)));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1199,7 +1209,9 @@ impl Volume {
             if self.closed.load(Ordering::Acquire) {
                 return;
             }
-            if let Ok(mut st) = self.lock() {
+            if stop_at.is_none()
+                && let Ok(mut st) = self.lock()
+            {
                 let stale = st
                     .current_since
                     .is_some_and(|t| t.elapsed() >= self.config.seal_interval);
@@ -1214,10 +1226,15 @@ impl Volume {
                         epoch: st.epoch,
                         seq: sealed.file.seq,
                     };
-                    in_flight.push_back(self.clone().upload(sealed, name));
+                    dispatched.push_back(name.seq);
+                    let volume = self.clone();
+                    in_flight.push(async move { (name.seq, volume.upload(sealed, name).await) });
                 }
             }
             if in_flight.is_empty() {
+                if stop_at.is_some() {
+                    return;
+                }
                 tokio::select! {
                     () = self.work.notified() => {}
                     _ = ticker.tick() => {}
@@ -1225,24 +1242,41 @@ impl Volume {
                 continue;
             }
             tokio::select! {
-                uploaded = in_flight.next() => {
-                    match uploaded {
-                        Some(Some(uploaded)) => self.apply_uploaded(uploaded).await,
-                        Some(None) if self.is_fenced() => {
-                            tracing::warn!(volume = %self.id, "uploads stopped: a newer writer holds the volume");
-                            return;
+                done = in_flight.next() => {
+                    match done {
+                        Some((seq, Some(uploaded))) => {
+                            finished.insert(seq, uploaded);
                         }
-                        Some(None) if !self.closed.load(Ordering::Acquire) => {
+                        Some((seq, None)) => {
+                            if self.is_fenced() {
+                                tracing::warn!(volume = %self.id, "uploads stopped: a newer writer holds the volume");
+                                return;
+                            }
+                            if self.closed.load(Ordering::Acquire) {
+                                return;
+                            }
                             // A log file that could not be made into a segment stays in the
                             // log. Applying the segments after it would leave a gap in the
                             // bucket's sequence (recovery stops at a gap, and the file's
                             // sequence number would later be uploaded twice), so uploads stop
                             // here; the log fills and writes wait, as reported in the status,
                             // until a restart replays the log and retries.
-                            tracing::error!(volume = %self.id, "uploads stopped until restart");
-                            return;
+                            if stop_at.is_none_or(|at| seq < at) {
+                                tracing::error!(volume = %self.id, "uploads stopped until restart");
+                                stop_at = Some(seq);
+                            }
                         }
-                        _ => {}
+                        None => {}
+                    }
+                    while let Some(&next) = dispatched.front() {
+                        if stop_at.is_some_and(|at| next >= at) {
+                            break;
+                        }
+                        let Some(uploaded) = finished.remove(&next) else {
+                            break;
+                        };
+                        dispatched.pop_front();
+                        self.apply_uploaded(uploaded).await;
                     }
                 }
                 () = self.work.notified() => {}
@@ -1629,11 +1663,11 @@ fn build_segment(
         path: file.path.clone(),
         source: e,
     })?;
-    let bytes = file.read_all().map_err(|e| EngineError::LogIo {
+    let bytes = file.read_prefix(length).map_err(|e| EngineError::LogIo {
         path: file.path.clone(),
         source: e,
     })?;
-    let valid = &bytes[..usize::try_from(length).unwrap_or(0).min(bytes.len())];
+    let valid = &bytes[..];
     let (records, end) = log::parse_records(valid, None);
     if end != length {
         return Err(EngineError::LogIo {
@@ -1669,7 +1703,16 @@ fn build_segment(
             RecordKind::Resize => {}
         }
     }
-    let mut builder = SegmentBuilder::new(name, volume_size);
+    let runs = segment::count_runs(
+        net.iter()
+            .map(|(offset, length, value)| (offset, length, matches!(value, Bytes_::Data(_)))),
+    );
+    let data_bytes = net
+        .iter()
+        .filter(|(_, _, value)| matches!(value, Bytes_::Data(_)))
+        .map(|(_, length, _)| length)
+        .sum();
+    let mut builder = SegmentBuilder::with_capacity(name, volume_size, runs, data_bytes);
     for (offset, extent_length, value) in net.iter() {
         match value {
             Bytes_::Data(at) => {
