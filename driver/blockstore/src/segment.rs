@@ -137,30 +137,55 @@ fn usize_of(value: u64) -> usize {
 }
 
 /// Builds one segment from runs given in increasing, non-overlapping volume order.
+///
+/// Frames are written straight into the object's buffer. With [`SegmentBuilder::with_capacity`]
+/// and the exact number of runs (see [`count_runs`]), the buffer is allocated once and the
+/// header and index are filled in front of the frames at the end, without copying the data.
 #[derive(Debug)]
 pub struct SegmentBuilder {
     name: Name,
     volume_size: u64,
     runs: Vec<Run>,
-    frames: Vec<u8>,
-    /// Decoded bytes of the open data run not yet cut into frames.
+    /// `prefix` bytes reserved for the header and index, then the frames.
+    out: Vec<u8>,
+    prefix: usize,
+    /// Decoded bytes of the open data run not yet cut into frames (less than a frame).
     pending: Vec<u8>,
 }
 
 impl SegmentBuilder {
     pub fn new(name: Name, volume_size: u64) -> SegmentBuilder {
+        SegmentBuilder::with_capacity(name, volume_size, 0, 0)
+    }
+
+    /// A builder for a segment of `runs` runs carrying `data_bytes` bytes of data in all.
+    pub fn with_capacity(
+        name: Name,
+        volume_size: u64,
+        runs: usize,
+        data_bytes: u64,
+    ) -> SegmentBuilder {
+        let prefix = HEADER_LEN + runs * INDEX_ENTRY_LEN;
+        let frames = usize_of(stored_length(data_bytes)) + runs * usize_of(CRC_LEN);
+        let mut out = Vec::with_capacity(prefix.saturating_add(frames));
+        out.resize(prefix, 0);
         SegmentBuilder {
             name,
             volume_size,
-            runs: Vec::new(),
-            frames: Vec::new(),
+            runs: Vec::with_capacity(runs),
+            out,
+            prefix,
             pending: Vec::new(),
         }
     }
 
+    fn frames_len(&self) -> u64 {
+        (self.out.len() - self.prefix) as u64
+    }
+
     /// Appends data at `volume_offset`; joins the previous run when it is data that ends
     /// exactly here.
-    pub fn add_data(&mut self, volume_offset: u64, data: &[u8]) {
+    pub fn add_data(&mut self, volume_offset: u64, mut data: &[u8]) {
         if data.is_empty() {
             return;
         }
@@ -177,19 +202,27 @@ impl SegmentBuilder {
                 volume_offset,
                 length: data.len() as u64,
                 kind: RunKind::Data,
-                object_offset: self.frames.len() as u64,
+                object_offset: self.frames_len(),
             });
         }
-        self.pending.extend_from_slice(data);
         let frame = usize_of(FRAME_SIZE);
-        if self.pending.len() >= frame {
-            let whole = self.pending.len() / frame * frame;
-            let rest = self.pending.split_off(whole);
-            let full = std::mem::replace(&mut self.pending, rest);
-            for chunk in full.chunks(frame) {
-                self.push_frame(chunk);
+        if !self.pending.is_empty() {
+            let take = (frame - self.pending.len()).min(data.len());
+            self.pending.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if self.pending.len() < frame {
+                return;
             }
+            let full = std::mem::take(&mut self.pending);
+            self.push_frame(&full);
+            self.pending = full;
+            self.pending.clear();
         }
+        let whole = data.len() / frame * frame;
+        for chunk in data[..whole].chunks(frame) {
+            self.push_frame(chunk);
+        }
+        self.pending.extend_from_slice(&data[whole..]);
     }
 
     pub fn add_zero(&mut self, volume_offset: u64, length: u64) {
@@ -221,12 +254,14 @@ impl SegmentBuilder {
         if !self.pending.is_empty() {
             let pending = std::mem::take(&mut self.pending);
             self.push_frame(&pending);
+            self.pending = pending;
+            self.pending.clear();
         }
     }
 
     fn push_frame(&mut self, data: &[u8]) {
-        self.frames.extend_from_slice(data);
-        self.frames
+        self.out.extend_from_slice(data);
+        self.out
             .extend_from_slice(&crc32c::crc32c(data).to_le_bytes());
     }
 
@@ -234,22 +269,21 @@ impl SegmentBuilder {
     pub fn finish(mut self) -> (Bytes, Vec<Run>) {
         self.cut_pending();
         let data_start = (HEADER_LEN + self.runs.len() * INDEX_ENTRY_LEN) as u64;
-        let mut out = Vec::with_capacity(usize_of(data_start) + self.frames.len());
-        out.resize(HEADER_LEN, 0);
+        let mut index = Vec::with_capacity(self.runs.len() * INDEX_ENTRY_LEN);
         for run in &mut self.runs {
             if run.kind == RunKind::Data {
                 run.object_offset += data_start;
             }
-            out.extend_from_slice(&run.volume_offset.to_le_bytes());
-            out.extend_from_slice(&run.length.to_le_bytes());
-            out.extend_from_slice(&run.object_offset.to_le_bytes());
-            out.push(match run.kind {
+            index.extend_from_slice(&run.volume_offset.to_le_bytes());
+            index.extend_from_slice(&run.length.to_le_bytes());
+            index.extend_from_slice(&run.object_offset.to_le_bytes());
+            index.push(match run.kind {
                 RunKind::Data => 0,
                 RunKind::Zero => 1,
             });
-            out.extend_from_slice(&[0u8; 7]);
+            index.extend_from_slice(&[0u8; 7]);
         }
-        let index_crc = crc32c::crc32c(&out[HEADER_LEN..]);
+        let index_crc = crc32c::crc32c(&index);
         let entry_count = u32::try_from(self.runs.len()).unwrap_or(u32::MAX);
         let mut header = [0u8; HEADER_LEN];
         header[0..8].copy_from_slice(&MAGIC);
@@ -262,10 +296,39 @@ impl SegmentBuilder {
         header[48..52].copy_from_slice(&index_crc.to_le_bytes());
         let header_crc = crc32c::crc32c(&header[..60]);
         header[60..64].copy_from_slice(&header_crc.to_le_bytes());
-        out[..HEADER_LEN].copy_from_slice(&header);
-        out.extend_from_slice(&self.frames);
+        let out = if usize_of(data_start) == self.prefix {
+            // The reserved prefix fits exactly: fill it in, the frames stay where they are.
+            let mut out = self.out;
+            out[..HEADER_LEN].copy_from_slice(&header);
+            out[HEADER_LEN..self.prefix].copy_from_slice(&index);
+            out
+        } else {
+            let frames = &self.out[self.prefix..];
+            let mut out = Vec::with_capacity(usize_of(data_start) + frames.len());
+            out.extend_from_slice(&header);
+            out.extend_from_slice(&index);
+            out.extend_from_slice(frames);
+            out
+        };
         (Bytes::from(out), self.runs)
     }
+}
+
+/// The number of runs a [`SegmentBuilder`] makes of extents `(volume offset, length, is
+/// data)` given in increasing volume order: adjacent extents of one kind join.
+pub fn count_runs(extents: impl IntoIterator<Item = (u64, u64, bool)>) -> usize {
+    let mut count = 0;
+    let mut last: Option<(u64, bool)> = None;
+    for (offset, length, data) in extents {
+        if length == 0 {
+            continue;
+        }
+        if last != Some((offset, data)) {
+            count += 1;
+        }
+        last = Some((offset + length, data));
+    }
+    count
 }
 
 /// Decodes and verifies the fixed header.
@@ -473,6 +536,45 @@ mod tests {
             let take = 1 + ((len - skip - 1) as f64 * take_frac) as usize;
             let got = read_back(&object, &runs[0], skip as u64, take).unwrap();
             prop_assert_eq!(&got[..], &data[skip..skip + take]);
+        }
+
+        /// A builder sized with `count_runs` (frames written in place) makes exactly the
+        /// object a growing builder makes, and the count is the number of runs.
+        #[test]
+        fn sized_builder_makes_the_same_object(
+            extents in proptest::collection::vec((0u64..3, 1usize..150_000, any::<bool>()), 0..12),
+            wrong_count in any::<bool>(),
+        ) {
+            // Extents in increasing order: each starts 0, 1 or 2 bytes after the previous
+            // one ends (0: adjacent, so runs of one kind join).
+            let mut at = 0u64;
+            let mut plan = Vec::new();
+            for (gap, length, data) in extents {
+                at += gap;
+                plan.push((at, length as u64, data));
+                at += length as u64;
+            }
+            let count = count_runs(plan.iter().copied());
+            let data_bytes: u64 = plan.iter().filter(|e| e.2).map(|e| e.1).sum();
+            // A wrong count still gives the right object (the slow path).
+            let reserved = if wrong_count { count + 1 } else { count };
+            let mut grown = SegmentBuilder::new(name(), 1 << 40);
+            let mut sized = SegmentBuilder::with_capacity(name(), 1 << 40, reserved, data_bytes);
+            for (offset, length, data) in &plan {
+                if *data {
+                    let bytes: Vec<u8> = (0..*length).map(|i| u8::try_from((offset + i) % 251).unwrap()).collect();
+                    grown.add_data(*offset, &bytes);
+                    sized.add_data(*offset, &bytes);
+                } else {
+                    grown.add_zero(*offset, *length);
+                    sized.add_zero(*offset, *length);
+                }
+            }
+            let (grown, grown_runs) = grown.finish();
+            let (sized, sized_runs) = sized.finish();
+            prop_assert_eq!(grown_runs.len(), count);
+            prop_assert_eq!(&grown_runs, &sized_runs);
+            prop_assert!(grown == sized);
         }
     }
 }

@@ -214,6 +214,14 @@ impl LogFile {
         self.file.sync_all()
     }
 
+    /// Reads the first `length` bytes of the file (fewer when it is shorter).
+    pub fn read_prefix(&self, length: u64) -> io::Result<Vec<u8>> {
+        let size = self.file.metadata()?.len().min(length);
+        let mut buffer = vec![0u8; usize::try_from(size).unwrap_or(usize::MAX)];
+        self.file.read_exact_at(&mut buffer, 0)?;
+        Ok(buffer)
+    }
+
     /// Reads the whole file.
     pub fn read_all(&self) -> io::Result<Vec<u8>> {
         let size = usize::try_from(self.file.metadata()?.len()).unwrap_or(usize::MAX);
