@@ -28,6 +28,8 @@
 #   BENCH_WORK_DIR                where everything runs (default: a new temp directory; its
 #                                 filesystem is the disk being measured)
 #   BENCH_KEEP=1                  keep the work directory
+#   BENCH_ROWS=abcdefg            the rows to run, by letter, in groups: a-c run together, d-e
+#                                 together (e reads what d wrote), f-g together
 # Output: the table on stdout and in target/bench/results.md; raw JSON in target/bench/raw/.
 set -euo pipefail
 
@@ -41,6 +43,9 @@ RUNTIME=${BENCH_RUNTIME:-20}
 SCATTERED_WRITES=${BENCH_SCATTERED_WRITES:-1000000}
 REGION_MIB=${BENCH_REGION_MIB:-1024}
 UPLOAD_MIB=${BENCH_UPLOAD_MIB:-1024}
+ROWS_WANTED=${BENCH_ROWS:-abcdefg}
+# want LETTERS: true when any of the rows LETTERS was asked for.
+want() { [[ $ROWS_WANTED == *[$1]* ]]; }
 WORK=${BENCH_WORK_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/blockgate-bench.XXXXXX")}
 mkdir -p "$WORK"
 OUT=$ROOT/target/bench
@@ -55,7 +60,7 @@ export AWS_ACCESS_KEY_ID=blockgate-bench
 export AWS_SECRET_ACCESS_KEY=blockgate-bench-secret
 export AWS_REGION=us-east-1
 LOAD_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
-INVOCATION="BENCH_RUNTIME=$RUNTIME BENCH_SCATTERED_WRITES=$SCATTERED_WRITES BENCH_REGION_MIB=$REGION_MIB BENCH_UPLOAD_MIB=$UPLOAD_MIB scripts/bench.sh"
+INVOCATION="BENCH_ROWS=$ROWS_WANTED BENCH_RUNTIME=$RUNTIME BENCH_SCATTERED_WRITES=$SCATTERED_WRITES BENCH_REGION_MIB=$REGION_MIB BENCH_UPLOAD_MIB=$UPLOAD_MIB scripts/bench.sh"
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 die() { printf 'bench.sh: %s\n' "$*" >&2; exit 1; }
@@ -225,6 +230,9 @@ run_fio() {
         --output="$RAW/$name-$target.json" >/dev/null
 }
 
+fio_figure() { "${HELPER[@]}" fio "$RAW/$1.json" "${@:2}"; }
+
+if want abc; then
 log "pre-writing the ${REGION_MIB} MiB region of each server"
 for target in "${TARGETS[@]}"; do
     run_fio prewrite "$target" --rw=write --bs=1m --iodepth=8
@@ -254,7 +262,6 @@ FIO_A=(--rw=randwrite --bs=4k --iodepth=32 --fsync=32 --time_based --runtime="$R
 for target in "${TARGETS[@]}"; do
     run_fio a-fio "$target" "${FIO_A[@]}"
 done
-fio_figure() { "${HELPER[@]}" fio "$RAW/$1.json" "${@:2}"; }
 "${HELPER[@]}" row "$ROWS" row="a'" unit=IOPS \
     what="4K random write, QD32, fio --fsync=32" \
     blockgate="$(fio_figure a-fio-blockgate iops write)" \
@@ -306,7 +313,10 @@ read_misses=$(($(metric blockgate_volume_cache_misses_total perf) - misses_befor
     notes="local read cache, as in (b)" \
     command="fio --name=c-read --ioengine=nbd --uri=\$URI --size=${REGION_MIB}m ${FIO_CR[*]}"
 
+fi
+
 # --- (d) upload throughput ------------------------------------------------------------------
+if want de; then
 head -c "$((UPLOAD_MIB << 20))" /dev/urandom >"$WORK/upload.data"
 settle
 
@@ -397,7 +407,10 @@ cold_seconds=$(elapsed "$started" "$finished")
     command="\$CARGO_TARGET_DIR/release/s3-baseline ... --total-mib $UPLOAD_MIB --get-range-mib 1"
 stop_gateway
 
+fi
+
 # --- (f), (g) a 1 TiB volume after scattered writes ---------------------------------------------
+if want fg; then
 log "(f) 1 TiB volume, ${SCATTERED_WRITES} scattered 4K writes"
 start_gateway gw-big big --volume big=1TiB --volume empty=1TiB
 status_kib() { awk -v field="$1:" '$1 == field { print $2 }' "/proc/$GATEWAY_PID/status"; }
@@ -452,6 +465,8 @@ restart_extents=$(metric blockgate_volume_map_extents big)
     notes="VmHWM $(calc "$restart_hwm_kib / 1024") MiB during start; map extents $restart_extents; no write log or upload buffers in play, so the growth over the baseline is mostly the map" \
     command="blockgate-gateway serve ... (restart on the same data directory and bucket)"
 stop_gateway
+
+fi
 
 # --- report -------------------------------------------------------------------------------
 HEADER=$RAW/header.md
