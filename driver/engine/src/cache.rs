@@ -11,7 +11,12 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use tokio::sync::watch;
+
 pub const CHUNK_SIZE: u64 = 256 * 1024;
+
+/// A chunk of a segment object: its key and its index (offset / `CHUNK_SIZE`).
+type ChunkId = (Arc<str>, u64);
 
 #[derive(Debug)]
 struct Slot {
@@ -47,6 +52,51 @@ pub struct ChunkCache {
     capacity_slots: usize,
     index: Mutex<Index>,
     stats: Mutex<CacheStats>,
+    /// Chunks being fetched, each with a receiver that wakes when that fetch ends: a reader
+    /// that misses a chunk being fetched waits for it instead of sending its own request.
+    in_flight: Mutex<HashMap<ChunkId, watch::Receiver<()>>>,
+}
+
+/// What a reader that missed should do about a chunk.
+pub enum Fetch<'a> {
+    /// Fetch chunks `[start, end)` (bytes, chunk-aligned) and insert them; the claim ends,
+    /// waking the readers waiting for them, when it is dropped.
+    Claimed(FetchClaim<'a>),
+    /// Another fetch is bringing the chunk: wait with [`wait_fetch`], then look again.
+    Wait(watch::Receiver<()>),
+}
+
+/// Chunks claimed for one fetch.
+pub struct FetchClaim<'a> {
+    cache: &'a ChunkCache,
+    key: Arc<str>,
+    first: u64,
+    end: u64,
+    _done: watch::Sender<()>,
+}
+
+impl FetchClaim<'_> {
+    /// The claimed object bytes, chunk-aligned.
+    pub fn range(&self) -> std::ops::Range<u64> {
+        self.first * CHUNK_SIZE..self.end * CHUNK_SIZE
+    }
+}
+
+impl Drop for FetchClaim<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut in_flight) = self.cache.in_flight.lock() {
+            for chunk in self.first..self.end {
+                in_flight.remove(&(self.key.clone(), chunk));
+            }
+        }
+        // Dropping the sender (after this) wakes every waiter.
+    }
+}
+
+/// Waits until the fetch behind `receiver` has ended (successfully or not).
+pub async fn wait_fetch(mut receiver: watch::Receiver<()>) {
+    // The sender never sends: it is dropped when the fetch ends, which ends this wait.
+    while receiver.changed().await.is_ok() {}
 }
 
 impl ChunkCache {
@@ -65,6 +115,7 @@ impl ChunkCache {
             file,
             capacity_slots,
             index: Mutex::new(Index::default()),
+            in_flight: Mutex::new(HashMap::new()),
             stats: Mutex::new(CacheStats {
                 capacity_bytes: capacity_slots as u64 * CHUNK_SIZE,
                 ..CacheStats::default()
@@ -146,6 +197,53 @@ impl ChunkCache {
         drop(index);
         self.count(|s| s.hits += 1);
         true
+    }
+
+    /// Claims chunks `first..` (at most up to `end`, exclusive) of `key` for a fetch: from
+    /// `first`, every chunk neither cached in full nor being fetched already. When `first`
+    /// itself is being fetched, says to wait for that fetch instead.
+    pub fn claim(&self, key: &Arc<str>, first: u64, end: u64) -> Fetch<'_> {
+        let Ok(mut in_flight) = self.in_flight.lock() else {
+            // A poisoned registry: fetch without coordination.
+            let (done, _) = watch::channel(());
+            return Fetch::Claimed(FetchClaim {
+                cache: self,
+                key: key.clone(),
+                first,
+                end: first + 1,
+                _done: done,
+            });
+        };
+        if let Some(waiting) = in_flight.get(&(key.clone(), first)) {
+            return Fetch::Wait(waiting.clone());
+        }
+        let (done, receiver) = watch::channel(());
+        in_flight.insert((key.clone(), first), receiver.clone());
+        let mut claimed_end = first + 1;
+        while claimed_end < end
+            && !in_flight.contains_key(&(key.clone(), claimed_end))
+            && !self.holds_whole_chunk(key, claimed_end)
+        {
+            in_flight.insert((key.clone(), claimed_end), receiver.clone());
+            claimed_end += 1;
+        }
+        Fetch::Claimed(FetchClaim {
+            cache: self,
+            key: key.clone(),
+            first,
+            end: claimed_end,
+            _done: done,
+        })
+    }
+
+    /// Tells whether chunk `chunk` of `key` is cached with all its bytes.
+    pub fn holds_whole_chunk(&self, key: &Arc<str>, chunk: u64) -> bool {
+        self.index.lock().is_ok_and(|index| {
+            index
+                .by_chunk
+                .get(&(key.clone(), chunk))
+                .is_some_and(|&slot| index.slots[slot].valid == CHUNK_SIZE)
+        })
     }
 
     /// Stores fetched object bytes starting at a chunk boundary `start`.

@@ -559,6 +559,7 @@ impl Catalog {
                 key,
                 location,
                 &mut out[start..start + piece_length],
+                0,
             )
             .await?;
         }

@@ -44,7 +44,7 @@ impl Default for EngineConfig {
             upload_concurrency: 4,
             seal_interval: Duration::from_secs(2),
             checkpoint_every: 64,
-            readahead: 16 << 20,
+            readahead: 32 << 20,
             max_retry_delay: Duration::from_secs(10),
             gc_grace: Duration::from_secs(60),
             block_size: 4096,

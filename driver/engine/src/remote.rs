@@ -16,7 +16,7 @@ use blockgate_blockstore::segment::{self, Run, RunKind, RunLocation, SegmentHead
 use blockgate_objstore::{ObjectStore, ObjectStoreError};
 use bytes::Bytes;
 
-use crate::cache::{CHUNK_SIZE, ChunkCache};
+use crate::cache::{CHUNK_SIZE, ChunkCache, Fetch, wait_fetch};
 use crate::error::EngineError;
 use crate::extent_map::ExtentMap;
 
@@ -281,17 +281,36 @@ pub async fn snapshot_state(
 /// Reads `out.len()` bytes at `location` of segment `key`, through `cache` when given,
 /// verifying every frame. A frame that fails verification in the cache is fetched again;
 /// one that fails from the store is an error.
+///
+/// On a cache miss the fetch covers whole cache chunks, up to the next multiple of `ahead`
+/// bytes of the object (0: just the chunks the read needs) and never past the run: a
+/// sequential reader asks for large pieces, so neighbouring reads find them cached. A chunk
+/// another read is already fetching is waited for, not fetched twice.
 pub async fn read_run(
     store: &dyn ObjectStore,
     cache: Option<&ChunkCache>,
     key: &Arc<str>,
     location: RunLocation,
     out: &mut [u8],
+    ahead: u64,
 ) -> Result<(), EngineError> {
     let range = location.object_range(out.len() as u64);
     let span = usize::try_from(range.end - range.start).unwrap_or(usize::MAX);
-    if let Some(cache) = cache {
-        let mut cached = vec![0u8; span];
+    let Some(cache) = cache else {
+        let fetched = get_range(store, key, range.start, range.end).await?;
+        return location.decode(&fetched, out).map_err(|e| corrupt(key, e));
+    };
+    let run_end = location.run_offset + segment::stored_length(location.run_length);
+    let wanted_end = match range.start.checked_div(ahead) {
+        Some(piece) => range.end.max((piece + 1).saturating_mul(ahead)),
+        None => range.end,
+    }
+    .min(run_end)
+    .max(range.end);
+    let mut cached = vec![0u8; span];
+    // Each round finds the bytes cached, fetches them, or waits for another read's fetch of
+    // them and looks again (a few times: that fetch may have failed, or been evicted).
+    for _ in 0..4 {
         if cache.read(key, range.start, &mut cached) {
             match location.decode(&cached, out) {
                 Ok(()) => return Ok(()),
@@ -301,26 +320,72 @@ pub async fn read_run(
                 }
             }
         }
-        // Fetch whole cache chunks (up to the end of the run): neighbouring frames are
-        // usually read next.
-        let run_end = location.run_offset + segment::stored_length(location.run_length);
-        let start = range.start / CHUNK_SIZE * CHUNK_SIZE;
-        let end = range.end.max(
-            range
-                .end
-                .div_ceil(CHUNK_SIZE)
-                .saturating_mul(CHUNK_SIZE)
-                .min(run_end),
-        );
-        let fetched = get_range(store, key, start, end).await?;
-        cache.insert(key, start, &fetched);
-        let from = usize::try_from(range.start - start).unwrap_or(0);
-        return location
-            .decode(&fetched[from..from + span], out)
-            .map_err(|e| corrupt(key, e));
+        let claim = match cache.claim(
+            key,
+            range.start / CHUNK_SIZE,
+            wanted_end.div_ceil(CHUNK_SIZE),
+        ) {
+            Fetch::Wait(receiver) => {
+                wait_fetch(receiver).await;
+                continue;
+            }
+            Fetch::Claimed(claim) => claim,
+        };
+        let claimed = claim.range();
+        let fetch_end = claimed.end.min(run_end);
+        let fetched = get_range(store, key, claimed.start, fetch_end).await?;
+        cache.insert(key, claimed.start, &fetched);
+        drop(claim);
+        let from = usize::try_from(range.start - claimed.start).unwrap_or(0);
+        if fetch_end >= range.end {
+            return location
+                .decode(&fetched[from..from + span], out)
+                .map_err(|e| corrupt(key, e));
+        }
+        // The claim stopped at a chunk cached or being fetched by another read: the rest of
+        // this read comes straight from the store.
+        let rest = get_range(store, key, fetch_end, range.end).await?;
+        let mut joined = Vec::with_capacity(span);
+        joined.extend_from_slice(&fetched[from..]);
+        joined.extend_from_slice(&rest);
+        return location.decode(&joined, out).map_err(|e| corrupt(key, e));
     }
+    // Still not in the cache (fetches failing, or a cache smaller than the reads in flight):
+    // read around it.
     let fetched = get_range(store, key, range.start, range.end).await?;
     location.decode(&fetched, out).map_err(|e| corrupt(key, e))
+}
+
+/// Fetches object bytes `range` of segment `key` into `cache` (read-ahead): chunks already
+/// cached or being fetched are skipped; nothing is decoded here, every read verifies what it
+/// takes from the cache.
+pub async fn prefetch_range(
+    store: &dyn ObjectStore,
+    cache: &ChunkCache,
+    key: &Arc<str>,
+    range: std::ops::Range<u64>,
+) -> Result<(), EngineError> {
+    let mut chunk = range.start / CHUNK_SIZE;
+    let end_chunk = range.end.div_ceil(CHUNK_SIZE);
+    while chunk < end_chunk {
+        if cache.holds_whole_chunk(key, chunk) {
+            chunk += 1;
+            continue;
+        }
+        let claim = match cache.claim(key, chunk, end_chunk) {
+            Fetch::Wait(_) => {
+                chunk += 1;
+                continue;
+            }
+            Fetch::Claimed(claim) => claim,
+        };
+        let claimed = claim.range();
+        chunk = claimed.end / CHUNK_SIZE;
+        let fetch_end = claimed.end.min(range.end);
+        let fetched = get_range(store, key, claimed.start, fetch_end).await?;
+        cache.insert(key, claimed.start, &fetched);
+    }
+    Ok(())
 }
 
 async fn get_range(

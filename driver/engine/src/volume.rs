@@ -40,8 +40,8 @@ use crate::unix_now;
 const LARGE_RECORD: usize = 64 * 1024;
 
 /// Read-ahead fetches in pieces of this size, this many at once.
-const PREFETCH_PIECE: u64 = 1 << 20;
-const PREFETCH_CONCURRENCY: usize = 4;
+const PREFETCH_PIECE: u64 = 8 << 20;
+const PREFETCH_CONCURRENCY: usize = 8;
 
 /// Where the newest bytes of a range in the write log are.
 #[derive(Debug, Clone)]
@@ -207,7 +207,8 @@ pub struct Volume {
     /// The frontier of sequential reading, and how far read-ahead has fetched beyond it.
     last_read_end: AtomicU64,
     prefetched_until: AtomicU64,
-    prefetching: AtomicBool,
+    /// Read-ahead fetches in flight, for all streams of the volume.
+    prefetch_slots: tokio::sync::Semaphore,
     closed: AtomicBool,
     pub counters: VolumeCounters,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -437,7 +438,7 @@ impl Volume {
             local_copy,
             last_read_end: AtomicU64::new(u64::MAX),
             prefetched_until: AtomicU64::new(0),
-            prefetching: AtomicBool::new(false),
+            prefetch_slots: tokio::sync::Semaphore::new(PREFETCH_CONCURRENCY),
             closed: AtomicBool::new(false),
             counters: VolumeCounters::default(),
             tasks: Mutex::new(Vec::new()),
@@ -816,10 +817,14 @@ impl Volume {
             self.check_range(st.size, offset, u64::from(length))?;
             self.plan_read(&st, offset, u64::from(length))
         };
-        if self.cache.is_some() {
-            self.note_read_for_readahead(offset, u64::from(length));
-        }
-        let result = self.execute(plan, offset, &mut out).await;
+        // A sequential reader's cache misses fetch whole read-ahead pieces.
+        let ahead =
+            if self.cache.is_some() && self.note_read_for_readahead(offset, u64::from(length)) {
+                PREFETCH_PIECE
+            } else {
+                0
+            };
+        let result = self.execute(plan, offset, &mut out, ahead).await;
         if result.is_err() {
             self.counters.read_errors.fetch_add(1, Ordering::Relaxed);
         }
@@ -890,6 +895,7 @@ impl Volume {
         plan: Vec<(u64, u64, Source)>,
         base: u64,
         out: &mut [u8],
+        ahead: u64,
     ) -> Result<(), EngineError> {
         let mut remote_reads = Vec::new();
         let mut rest: &mut [u8] = out;
@@ -916,8 +922,15 @@ impl Volume {
                     }
                 }
                 Source::Remote(key, location) => remote_reads.push(async move {
-                    remote::read_run(&*self.store, self.cache.as_ref(), &key, location, target)
-                        .await
+                    remote::read_run(
+                        &*self.store,
+                        self.cache.as_ref(),
+                        &key,
+                        location,
+                        target,
+                        ahead,
+                    )
+                    .await
                 }),
             }
         }
@@ -927,16 +940,17 @@ impl Volume {
         Ok(())
     }
 
-    /// Tracks the frontier of sequential reading and starts read-ahead from it.
+    /// Tracks the frontier of sequential reading and starts read-ahead from it; tells
+    /// whether the read belongs to a sequential stream.
     ///
     /// A reader is sequential when its request starts near the highest end read so far:
     /// several connections that share out one sequential scan (nbdcopy, the kernel with
     /// multi-queue) interleave their requests around a common frontier, so requiring
     /// `offset == previous end` would miss them.
-    fn note_read_for_readahead(self: &Arc<Self>, offset: u64, length: u64) {
+    fn note_read_for_readahead(self: &Arc<Self>, offset: u64, length: u64) -> bool {
         let readahead = self.config.readahead;
         if readahead == 0 {
-            return;
+            return false;
         }
         let end = offset + length;
         let frontier = self.last_read_end.load(Ordering::Relaxed);
@@ -947,74 +961,68 @@ impl Volume {
             // A new stream (or random reads): forget what was fetched ahead of the old one.
             self.last_read_end.store(end, Ordering::Relaxed);
             self.prefetched_until.store(end, Ordering::Relaxed);
-            return;
+            return false;
         }
         let frontier = self
             .last_read_end
             .fetch_max(end, Ordering::Relaxed)
             .max(end);
         // Keep between half and all of the read-ahead window fetched beyond the frontier.
-        let fetched = self.prefetched_until.load(Ordering::Relaxed).max(frontier);
-        if fetched >= frontier + readahead / 2 {
-            return;
+        if self.prefetched_until.load(Ordering::Relaxed) >= frontier + readahead / 2 {
+            return true;
         }
-        self.prefetch(fetched, frontier + readahead);
+        let target = frontier + readahead;
+        let from = self
+            .prefetched_until
+            .fetch_max(target, Ordering::Relaxed)
+            .max(frontier);
+        if from < target {
+            self.prefetch(from, target);
+        }
+        true
     }
 
-    /// Fetches `[from, to)` into the cache, several ranged GETs at once.
+    /// Fetches `[from, to)` of the volume into the cache: pieces of up to `PREFETCH_PIECE`
+    /// bytes of segment objects, `PREFETCH_CONCURRENCY` at once for the whole volume.
     fn prefetch(self: &Arc<Self>, from: u64, to: u64) {
-        if self.prefetching.swap(true, Ordering::AcqRel) {
-            return;
+        let Ok(st) = self.lock() else { return };
+        let length = to.min(st.size).saturating_sub(from);
+        let mut plan = Vec::new();
+        for piece in st.overlay.pieces(from, length) {
+            if piece.value.is_none() {
+                self.plan_remote(&st, piece.offset, piece.length, &mut plan);
+            }
         }
-        self.prefetched_until.fetch_max(to, Ordering::Relaxed);
-        let volume = self.clone();
-        tokio::spawn(async move {
-            let plan = volume.lock().map(|st| {
-                let length = to.min(st.size).saturating_sub(from);
-                let mut plan = Vec::new();
-                for piece in st.overlay.pieces(from, length) {
-                    if piece.value.is_none() {
-                        volume.plan_remote(&st, piece.offset, piece.length, &mut plan);
+        drop(st);
+        for (_, length, source) in plan {
+            let Source::Remote(key, location) = source else {
+                continue;
+            };
+            let range = location.object_range(length);
+            let mut at = range.start;
+            while at < range.end {
+                let end = ((at / PREFETCH_PIECE + 1) * PREFETCH_PIECE).min(range.end);
+                let volume = self.clone();
+                let key = key.clone();
+                tokio::spawn(async move {
+                    let Ok(_slot) = volume.prefetch_slots.acquire().await else {
+                        return;
+                    };
+                    let Some(cache) = volume.cache.as_ref() else {
+                        return;
+                    };
+                    if volume.closed.load(Ordering::Acquire) {
+                        return;
                     }
-                }
-                plan
-            });
-            // Pieces of at most PREFETCH_PIECE bytes, so one long run is fetched in parallel.
-            let mut pieces = Vec::new();
-            for (_, length, source) in plan.unwrap_or_default() {
-                if let Source::Remote(key, location) = source {
-                    let mut at = 0;
-                    while at < length {
-                        let take = (length - at).min(PREFETCH_PIECE);
-                        pieces.push((key.clone(), location.advance(at), take));
-                        at += take;
+                    if let Err(error) =
+                        remote::prefetch_range(&*volume.store, cache, &key, at..end).await
+                    {
+                        tracing::debug!(volume = %volume.id, %error, "read-ahead failed");
                     }
-                }
+                });
+                at = end;
             }
-            let fetches =
-                futures::stream::iter(pieces.into_iter().map(|(key, location, length)| {
-                    let volume = volume.clone();
-                    async move {
-                        let mut sink = vec![0u8; usize::try_from(length).unwrap_or(0)];
-                        remote::read_run(
-                            &*volume.store,
-                            volume.cache.as_ref(),
-                            &key,
-                            location,
-                            &mut sink,
-                        )
-                        .await
-                    }
-                }))
-                .buffer_unordered(PREFETCH_CONCURRENCY);
-            tokio::pin!(fetches);
-            while let Some(result) = fetches.next().await {
-                if let Err(error) = result {
-                    tracing::debug!(volume = %volume.id, %error, "read-ahead failed");
-                }
-            }
-            volume.prefetching.store(false, Ordering::Release);
-        });
+        }
     }
 
     /// Cuts a snapshot now: seals the log so the snapshot is exactly what was written before
@@ -1468,7 +1476,7 @@ impl Volume {
             };
             let mut data = vec![0u8; usize::try_from(length).unwrap_or(0)];
             if let Err(error) =
-                remote::read_run(&*self.store, None, &key, location, &mut data).await
+                remote::read_run(&*self.store, None, &key, location, &mut data, 0).await
             {
                 // Move on: one unreadable range (a corrupt frame, say) must not keep the rest
                 // of the copy from hydrating. The wrap-around above retries it later; reads
