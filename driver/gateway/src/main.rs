@@ -139,6 +139,11 @@ struct ServeArgs {
     /// Address buckets by path (`endpoint/bucket/key`), as most S3-compatible servers need.
     #[arg(long, env = "BLOCKGATE_S3_PATH_STYLE")]
     s3_path_style: bool,
+    /// Sign upload bodies with their SHA-256, for S3 servers that refuse `UNSIGNED-PAYLOAD`.
+    /// By default bodies go unsigned with a CRC32C the server verifies (signing costs more
+    /// CPU than the rest of an upload).
+    #[arg(long, env = "BLOCKGATE_S3_SIGN_PAYLOAD")]
+    s3_sign_payload: bool,
     /// Attempts per S3 request before an operation reports failure (uploads retry forever).
     #[arg(long, default_value_t = 3)]
     s3_max_attempts: u32,
@@ -666,6 +671,7 @@ async fn open_store(args: &ServeArgs) -> anyhow::Result<Arc<dyn ObjectStore>> {
         s3_region: args.s3_region.clone(),
         s3_path_style: args.s3_path_style,
         s3_max_attempts: Some(args.s3_max_attempts),
+        s3_sign_payload: args.s3_sign_payload,
     }
     .open()
     .await

@@ -150,6 +150,9 @@ pub struct StoreLocation {
     pub s3_path_style: bool,
     /// Attempts per S3 request; `None` keeps the store's default.
     pub s3_max_attempts: Option<u32>,
+    /// Sign upload bodies with SHA-256 instead of sending them unsigned with a CRC32C
+    /// ([`S3Config::sign_payload`]).
+    pub s3_sign_payload: bool,
 }
 
 #[cfg(feature = "s3")]
@@ -163,6 +166,7 @@ impl StoreLocation {
             config.endpoint = self.s3_endpoint.clone();
             config.region = self.s3_region.clone();
             config.path_style = self.s3_path_style;
+            config.sign_payload = self.s3_sign_payload;
             if let Some(attempts) = self.s3_max_attempts {
                 config.max_attempts = attempts;
             }

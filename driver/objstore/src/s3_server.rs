@@ -91,6 +91,7 @@ impl S3sFsServer {
             access_key: Some(ACCESS_KEY.to_owned()),
             secret_key: Some(SECRET_KEY.to_owned()),
             max_attempts: 3,
+            sign_payload: false,
         }
     }
 
