@@ -15,7 +15,7 @@
 //! This module only does file I/O; group commit and the map live in the volume.
 
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -217,16 +217,29 @@ impl LogFile {
     /// Reads the first `length` bytes of the file (fewer when it is shorter).
     pub fn read_prefix(&self, length: u64) -> io::Result<Vec<u8>> {
         let size = self.file.metadata()?.len().min(length);
-        let mut buffer = vec![0u8; usize::try_from(size).unwrap_or(usize::MAX)];
-        self.file.read_exact_at(&mut buffer, 0)?;
-        Ok(buffer)
+        self.read_start(size)
     }
 
     /// Reads the whole file.
     pub fn read_all(&self) -> io::Result<Vec<u8>> {
-        let size = usize::try_from(self.file.metadata()?.len()).unwrap_or(usize::MAX);
-        let mut buffer = vec![0u8; size];
-        self.file.read_exact_at(&mut buffer, 0)?;
+        let size = self.file.metadata()?.len();
+        self.read_start(size)
+    }
+
+    /// Reads the first `size` bytes through a handle of its own (its own file position)
+    /// straight into a buffer's spare capacity: zeroing a segment-sized buffer first cost as
+    /// much as the read itself.
+    fn read_start(&self, size: u64) -> io::Result<Vec<u8>> {
+        let mut buffer = Vec::with_capacity(usize::try_from(size).unwrap_or(usize::MAX));
+        File::open(&self.path)?
+            .take(size)
+            .read_to_end(&mut buffer)?;
+        if (buffer.len() as u64) < size {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("read {} of {size} bytes", buffer.len()),
+            ));
+        }
         Ok(buffer)
     }
 }

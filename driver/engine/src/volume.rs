@@ -42,6 +42,9 @@ const LARGE_RECORD: usize = 64 * 1024;
 /// Read-ahead fetches in pieces of this size, this many at once.
 const PREFETCH_PIECE: u64 = 8 << 20;
 const PREFETCH_CONCURRENCY: usize = 8;
+/// Sealed log files made into segments (and fence-checked) while every PUT slot is busy, so
+/// that a slot never waits for a build. Each holds a segment in memory.
+const SEGMENTS_BUILT_AHEAD: usize = 2;
 
 /// Where the newest bytes of a range in the write log are.
 #[derive(Debug, Clone)]
@@ -77,6 +80,9 @@ struct Sealed {
     file: Arc<LogFile>,
     length: u64,
     volume_size: u64,
+    /// When no more writes could go into the file (for a replayed file: when the volume
+    /// opened). A fence check that started later answers for its upload.
+    sealed_at: Instant,
 }
 
 /// A snapshot cut but not yet in the bucket.
@@ -122,6 +128,10 @@ struct State {
     /// whole copy is hydrated).
     hydrated: Option<ExtentMap<()>>,
     last_upload_error: Option<String>,
+    /// Why uploads stopped until a restart (a sealed log file that cannot be made into a
+    /// segment). Unlike `last_upload_error` it is not cleared by later successful uploads:
+    /// with segments built ahead, the uploads before the bad file still finish after it.
+    uploads_stopped: Option<String>,
     checkpoint_uploading: bool,
     /// Snapshots whose manifest is being written.
     manifests_in_flight: std::collections::HashSet<String>,
@@ -209,6 +219,11 @@ pub struct Volume {
     prefetched_until: AtomicU64,
     /// Read-ahead fetches in flight, for all streams of the volume.
     prefetch_slots: tokio::sync::Semaphore,
+    /// PUTs of segments in flight, at most `upload_concurrency`.
+    put_slots: tokio::sync::Semaphore,
+    /// When the last fence check that found no newer writer started (segment uploads share
+    /// checks; each is a listing, and one per segment doubled the uploader's requests).
+    last_fence_check: tokio::sync::Mutex<Option<Instant>>,
     closed: AtomicBool,
     pub counters: VolumeCounters,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -364,6 +379,7 @@ impl Volume {
                         file: previous,
                         length,
                         volume_size: size,
+                        sealed_at: Instant::now(),
                     });
                 } else {
                     let path = previous.path.clone();
@@ -425,6 +441,7 @@ impl Volume {
                 last_snapshot: local.last_snapshot,
                 hydrated,
                 last_upload_error: None,
+                uploads_stopped: None,
                 checkpoint_uploading: false,
                 manifests_in_flight: std::collections::HashSet::new(),
             }),
@@ -439,6 +456,8 @@ impl Volume {
             last_read_end: AtomicU64::new(u64::MAX),
             prefetched_until: AtomicU64::new(0),
             prefetch_slots: tokio::sync::Semaphore::new(PREFETCH_CONCURRENCY),
+            put_slots: tokio::sync::Semaphore::new(config.upload_concurrency.max(1)),
+            last_fence_check: tokio::sync::Mutex::new(None),
             closed: AtomicBool::new(false),
             counters: VolumeCounters::default(),
             tasks: Mutex::new(Vec::new()),
@@ -520,6 +539,31 @@ impl Volume {
             }
             None => Ok(false),
         }
+    }
+
+    /// [`Volume::check_fenced`] for a segment upload: a check that found no newer writer and
+    /// started after `not_before` (when the segment was sealed, or when its last attempt
+    /// failed) answers for it, and concurrent askers share one listing. A writer taken over
+    /// at time T is still refused every segment sealed after T (its check starts after T and
+    /// sees the newer epoch), as with a listing per upload; a backlog of segments sealed
+    /// before needs one listing instead of one each.
+    async fn check_fenced_for_segment(
+        &self,
+        not_before: Instant,
+    ) -> Result<bool, ObjectStoreError> {
+        if self.is_fenced() {
+            return Ok(true);
+        }
+        let mut last_clear = self.last_fence_check.lock().await;
+        if last_clear.is_some_and(|started| started >= not_before) {
+            return Ok(false);
+        }
+        let started = Instant::now();
+        let fenced = self.check_fenced().await?;
+        if !fenced {
+            *last_clear = Some(started);
+        }
+        Ok(fenced)
     }
 
     fn set_fenced(&self, current: u64) {
@@ -753,6 +797,7 @@ impl Volume {
             file: previous,
             length: st.current_length,
             volume_size: st.size,
+            sealed_at: Instant::now(),
         });
         st.current_length = 0;
         st.current_since = None;
@@ -1226,7 +1271,7 @@ impl Volume {
                 if stale && let Err(error) = self.seal_locked(&mut st) {
                     tracing::warn!(volume = %self.id, %error, "could not seal the write log file");
                 }
-                while in_flight.len() < self.config.upload_concurrency {
+                while in_flight.len() < self.config.upload_concurrency + SEGMENTS_BUILT_AHEAD {
                     let Some(sealed) = st.sealed.pop_front() else {
                         break;
                     };
@@ -1301,15 +1346,21 @@ impl Volume {
         let length = sealed.length;
         let volume_size = sealed.volume_size;
         let volume_id = self.id.clone();
-        let built =
-            tokio::task::spawn_blocking(move || build_segment(&file, length, name, volume_size))
-                .await;
+        let started = Instant::now();
+        // The segment is built while the bucket is asked whether a newer writer holds the
+        // volume: the two are independent, and done one after the other they kept a PUT slot
+        // idle for a third of its time.
+        let build =
+            tokio::task::spawn_blocking(move || build_segment(&file, length, name, volume_size));
+        let (built, first_check) =
+            tokio::join!(build, self.check_fenced_for_segment(sealed.sealed_at));
+        let build_time = started.elapsed();
         let (object, runs) = match built {
             Ok(Ok(built)) => built,
             Ok(Err(error)) => {
                 tracing::error!(volume = %volume_id, %error, "cannot read sealed write-log file; upload stalled");
                 if let Ok(mut st) = self.lock() {
-                    st.last_upload_error = Some(format!("{error}: {}", error_chain(&error)));
+                    st.uploads_stopped = Some(format!("{error}: {}", error_chain(&error)));
                 }
                 return None;
             }
@@ -1317,23 +1368,40 @@ impl Volume {
         };
         let key = keys::segment_key(&self.id, name);
         let mut delay = Duration::from_millis(100).min(self.config.max_retry_delay);
+        let mut check = Some(first_check);
+        let mut not_before = sealed.sealed_at;
         loop {
             if self.closed.load(Ordering::Acquire) {
                 return None;
             }
             // A fenced writer uploads nothing more: checked before every attempt, so a
             // writer that was fenced during an outage stops as soon as the bucket answers.
-            let attempt = match self.check_fenced().await {
+            let fenced = match check.take() {
+                Some(done) => done,
+                None => self.check_fenced_for_segment(not_before).await,
+            };
+            let attempt = match fenced {
                 Ok(true) => return None,
                 Ok(false) => {
+                    // Only PUTs count against `upload_concurrency`; segments are built (and
+                    // checked) ahead, so a slot that frees up starts its next PUT at once.
+                    let Ok(_slot) = self.put_slots.acquire().await else {
+                        return None;
+                    };
                     self.limiter.acquire(object.len() as u64).await;
-                    self.store.put(&key, object.clone()).await
+                    let putting = Instant::now();
+                    let put = self.store.put(&key, object.clone()).await;
+                    tracing::debug!(volume = %self.id, segment = %name, bytes = object.len(), ?build_time, put_time = ?putting.elapsed(), "segment uploaded");
+                    put
                 }
                 Err(error) => Err(error),
             };
             match attempt {
                 Ok(()) => break,
                 Err(error) => {
+                    // The next attempt wants a check made after this failure: a writer fenced
+                    // during an outage stops as soon as the bucket answers.
+                    not_before = Instant::now();
                     self.counters.upload_errors.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(volume = %self.id, segment = %name, %error, retry_in = ?delay, "segment upload failed");
                     if let Ok(mut st) = self.lock() {
@@ -1539,7 +1607,10 @@ impl Volume {
             overlay_extents: st.overlay.len(),
             hydrated: st.hydrated.is_none(),
             pending_snapshots: st.pending_snapshots.iter().map(|p| p.id.clone()).collect(),
-            last_upload_error: st.last_upload_error.clone(),
+            last_upload_error: st
+                .uploads_stopped
+                .clone()
+                .or_else(|| st.last_upload_error.clone()),
             fenced: self.is_fenced(),
             cache_hits: cache.hits,
             cache_misses: cache.misses,

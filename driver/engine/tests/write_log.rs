@@ -264,20 +264,23 @@ async fn a_log_file_that_cannot_be_uploaded_stops_the_uploads_after_it() {
     let engine = open(dir.path(), &store, one_at_a_time).await;
     let volume = create(&engine, "vol", SIZE, Mode::Cached).await;
     // Log files 1, 2 and 3, sealed while uploads fail: file 1 is being uploaded, 2 and 3
-    // wait their turn.
+    // wait their turn (and may be read ahead of it). File 2 is damaged on disk before it
+    // is sealed, so it cannot be read back whenever the uploader gets to it.
     faults.fail_next_puts(u64::MAX);
+    let second = dir
+        .path()
+        .join("volumes/vol/log")
+        .join(format!("{:016}.log", 2));
     for n in 0..3u64 {
         volume
             .write(n * 100_000, &pattern(n, 10_000), true)
             .await
             .unwrap();
+        if n == 1 {
+            write_at(&second, HEADER + 10, &[0xff]);
+        }
         volume.seal_now().unwrap();
     }
-    let second = dir
-        .path()
-        .join("volumes/vol/log")
-        .join(format!("{:016}.log", 2));
-    write_at(&second, HEADER + 10, &[0xff]);
     faults.fail_next_puts(0);
 
     common::wait_until("file 2 fails and is reported", || {
