@@ -10,7 +10,8 @@
 #   (a)  4K random write, QD32, one FLUSH every 32 writes (nbd-load: exact cadence)
 #   (a') the same with fio --fsync=32 (fio sends far more flushes; counted and shown)
 #   (b)  4K random read, QD32, warm (region pre-written, uploaded, and read once)
-#   (c)  1 MiB sequential write and read, QD8
+#   (c)  1 MiB sequential write (twice the region, into a write log that holds it) and read,
+#        QD8
 #   (d)  upload from a backlog: N MiB written while s3s-fs is stopped, the gateway killed
 #        (-9), s3s-fs and the gateway restarted; upload throughput from the restarted
 #        gateway's `ready` until its log is empty, vs raw aws-sdk-s3 PUT (second opinion: the
@@ -19,6 +20,7 @@
 #        ranges, 4 at once; 8 MiB ranges 8 at once, the read-ahead's, as a second opinion)
 #   (f)  memory of a gateway holding a 1 TiB volume after scattered 4K writes
 #   (g)  snapshot cut time on that volume
+#   (h)  1 MiB sequential writes sustained beyond the default write log, vs raw PUT (the bound)
 #
 # Settings (environment):
 #   BENCH_RUNTIME=20              seconds per timed fio / nbd-load job
@@ -28,8 +30,10 @@
 #   BENCH_WORK_DIR                where everything runs (default: a new temp directory; its
 #                                 filesystem is the disk being measured)
 #   BENCH_KEEP=1                  keep the work directory
-#   BENCH_ROWS=abcdefg            the rows to run, by letter, in groups: a-c run together, d-e
-#                                 together (e reads what d wrote), f-g together
+#   BENCH_GATEWAY_FLAGS           extra `serve` flags for every gateway (e.g. --s3-sign-payload;
+#                                 the PUT baselines then sign too)
+#   BENCH_ROWS=abcdefgh           the rows to run, by letter, in groups: a-c run together, d-e
+#                                 together (e reads what d wrote), f-g together, h alone
 # Output: the table on stdout and in target/bench/results.md; raw JSON in target/bench/raw/.
 set -euo pipefail
 
@@ -43,7 +47,16 @@ RUNTIME=${BENCH_RUNTIME:-20}
 SCATTERED_WRITES=${BENCH_SCATTERED_WRITES:-1000000}
 REGION_MIB=${BENCH_REGION_MIB:-1024}
 UPLOAD_MIB=${BENCH_UPLOAD_MIB:-1024}
-ROWS_WANTED=${BENCH_ROWS:-abcdefg}
+ROWS_WANTED=${BENCH_ROWS:-abcdefgh}
+read -r -a GATEWAY_FLAGS <<<"${BENCH_GATEWAY_FLAGS:-}"
+# The PUT baseline sends the request the gateway sends: by default an unsigned payload with
+# its CRC32C (--s3-sign-payload in BENCH_GATEWAY_FLAGS: a signed one). The other kind is a
+# second sample, so the table shows what payload signing itself costs.
+if [[ " ${GATEWAY_FLAGS[*]} " == *" --s3-sign-payload "* ]]; then
+    SAME_SHAPE=() OTHER_SHAPE=(--unsigned-payload) SAME_LABEL="payload signed (SHA-256)" OTHER_LABEL="unsigned payload + CRC32C"
+else
+    SAME_SHAPE=(--unsigned-payload) OTHER_SHAPE=() SAME_LABEL="unsigned payload + CRC32C" OTHER_LABEL="payload signed (SHA-256), the SDK's default"
+fi
 # want LETTERS: true when any of the rows LETTERS was asked for.
 want() { [[ $ROWS_WANTED == *[$1]* ]]; }
 WORK=${BENCH_WORK_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/blockgate-bench.XXXXXX")}
@@ -60,7 +73,7 @@ export AWS_ACCESS_KEY_ID=blockgate-bench
 export AWS_SECRET_ACCESS_KEY=blockgate-bench-secret
 export AWS_REGION=us-east-1
 LOAD_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
-INVOCATION="BENCH_ROWS=$ROWS_WANTED BENCH_RUNTIME=$RUNTIME BENCH_SCATTERED_WRITES=$SCATTERED_WRITES BENCH_REGION_MIB=$REGION_MIB BENCH_UPLOAD_MIB=$UPLOAD_MIB scripts/bench.sh"
+INVOCATION="BENCH_GATEWAY_FLAGS='${GATEWAY_FLAGS[*]}' BENCH_ROWS=$ROWS_WANTED BENCH_RUNTIME=$RUNTIME BENCH_SCATTERED_WRITES=$SCATTERED_WRITES BENCH_REGION_MIB=$REGION_MIB BENCH_UPLOAD_MIB=$UPLOAD_MIB scripts/bench.sh"
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 die() { printf 'bench.sh: %s\n' "$*" >&2; exit 1; }
@@ -152,7 +165,7 @@ launch_gateway() {
     "$GATEWAY" serve --data-dir "$GATEWAY_DIR" \
         --store "s3://$BUCKET/$prefix" --s3-endpoint "$S3_ENDPOINT" --s3-region "$AWS_REGION" \
         --s3-path-style --metrics "127.0.0.1:$METRICS_PORT" \
-        --seal-interval-ms 200 --gc-interval-seconds 0 "$@" \
+        --seal-interval-ms 200 --gc-interval-seconds 0 "${GATEWAY_FLAGS[@]}" "$@" \
         >"$WORK/$name.out" 2>"$WORK/$name.log" &
     GATEWAY_PID=$!
     STARTED+=("$GATEWAY_PID")
@@ -205,8 +218,11 @@ start_qemu() { # NAME CACHE: sets QEMU_SOCKET
 }
 
 # --- (a)-(c): the block I/O path -----------------------------------------------------------
+# Row c-write measures the write path (a burst the write log holds), so this gateway's log
+# takes twice the region; row h measures what happens beyond the log, with the default.
+IO_LOG_MIB=$((REGION_MIB * 2 + 64))
 start_gateway gw-io io --volume "perf=${REGION_MIB}MiB" --volume "upload=${UPLOAD_MIB}MiB" \
-    --cache-capacity "$((REGION_MIB * 2))MiB"
+    --cache-capacity "$((REGION_MIB * 2))MiB" --log-capacity "${IO_LOG_MIB}MiB"
 GW_IO_DIR=$GATEWAY_DIR
 GW_IO_PID=$GATEWAY_PID
 start_qemu qemu-none none
@@ -270,11 +286,17 @@ done
     notes="flushes/writes sent by fio: blockgate $(fio_figure a-fio-blockgate syncs write)/$(fio_figure a-fio-blockgate ios write), qemu-nbd $(fio_figure a-fio-qemu-none syncs write)/$(fio_figure a-fio-qemu-none ios write)" \
     command="fio --name=a --ioengine=nbd --uri=\$URI --size=${REGION_MIB}m ${FIO_A[*]}"
 
-log "(c) 1 MiB sequential write QD8, ${RUNTIME}s each"
-FIO_CW=(--rw=write --bs=1m --iodepth=8 --time_based --runtime="$RUNTIME")
+# Row c-write: the region written twice over, sequentially, into a write log that holds it
+# (the burst a write-back gateway absorbs; beyond its log it goes at the upload rate: row h).
+# The log is drained first, so row a's writes do not count against it.
+wait_drained perf
+log "(c) 1 MiB sequential write QD8, $((REGION_MIB * 2)) MiB each"
+FIO_CW=(--rw=write --bs=1m --iodepth=8 --io_size="$((REGION_MIB * 2))m")
+log_full_waits_before=$(metric blockgate_volume_log_full_waits_total perf)
 for target in "${TARGETS[@]}"; do
     run_fio c-write "$target" "${FIO_CW[@]}"
 done
+c_write_log_full_waits=$(($(metric blockgate_volume_log_full_waits_total perf) - log_full_waits_before))
 
 log "waiting for the gateway to upload, then reading the region once (warm-up)"
 wait_drained perf
@@ -304,7 +326,7 @@ read_misses=$(($(metric blockgate_volume_cache_misses_total perf) - misses_befor
     blockgate="$(fio_figure c-write-blockgate mibps write)" \
     baseline="$(fio_figure c-write-qemu-none mibps write)" baseline_label="qemu-nbd cache=none" \
     second="$(fio_figure c-write-qemu-wb mibps write)" second_label="qemu-nbd cache=writeback" \
-    notes="no flushes; the gateway uploads to S3 meanwhile" \
+    notes="no flushes; $((REGION_MIB * 2)) MiB into a ${IO_LOG_MIB} MiB write log (writes that waited for log space: $c_write_log_full_waits); the gateway uploads to S3 meanwhile; beyond the log: row h" \
     command="fio --name=c-write --ioengine=nbd --uri=\$URI --size=${REGION_MIB}m ${FIO_CW[*]}"
 "${HELPER[@]}" row "$ROWS" row=c-read unit=MiB/s what="1 MiB sequential read, QD8, warm" \
     blockgate="$(fio_figure c-read-blockgate mibps read)" \
@@ -369,24 +391,28 @@ drain() { "${HELPER[@]}" json "$RAW/d-drain.json" "$1"; }
 settle
 "$S3_BASELINE" --endpoint "$S3_ENDPOINT" --bucket "$BUCKET" --region "$AWS_REGION" \
     --access-key "$AWS_ACCESS_KEY_ID" --secret-key "$AWS_SECRET_ACCESS_KEY" \
-    --total-mib "$UPLOAD_MIB" >"$RAW/s3-baseline.json"
+    --total-mib "$UPLOAD_MIB" "${SAME_SHAPE[@]}" >"$RAW/s3-baseline.json"
 # The read-ahead fetches 8 MiB pieces, 8 at once: the same GETs, as a second opinion for row e
 # (and a second PUT sample, 8 at once).
 settle
 "$S3_BASELINE" --endpoint "$S3_ENDPOINT" --bucket "$BUCKET" --region "$AWS_REGION" \
     --access-key "$AWS_ACCESS_KEY_ID" --secret-key "$AWS_SECRET_ACCESS_KEY" \
-    --total-mib "$UPLOAD_MIB" --get-range-mib 8 --concurrency 8 >"$RAW/s3-baseline-8x8.json"
+    --total-mib "$UPLOAD_MIB" --get-range-mib 8 --concurrency 8 "${SAME_SHAPE[@]}" >"$RAW/s3-baseline-8x8.json"
+settle
+"$S3_BASELINE" --endpoint "$S3_ENDPOINT" --bucket "$BUCKET" --region "$AWS_REGION" \
+    --access-key "$AWS_ACCESS_KEY_ID" --secret-key "$AWS_SECRET_ACCESS_KEY" \
+    --total-mib "$UPLOAD_MIB" "${OTHER_SHAPE[@]}" >"$RAW/s3-baseline-other.json"
 s3_figure() { "${HELPER[@]}" json "$RAW/$1.json" "$2" | xargs printf '%.1f'; }
 "${HELPER[@]}" row "$ROWS" row=d unit=MiB/s \
     what="upload to S3 from a backlog (${UPLOAD_MIB} MiB written while S3 was down; restarted gateway, from ready until the log is empty)" \
     blockgate="$(drain mib_per_second | xargs printf '%.1f')" \
     baseline="$(s3_figure s3-baseline put.mib_per_second)" \
-    baseline_label="aws-sdk-s3 PUT, 8 MiB objects, 4 at once" \
-    second="$(calc "$UPLOAD_MIB / $inline_drain_seconds")" \
-    second_label="blockgate, earlier method: from the first write until drained, S3 up" \
-    notes="before the kill: $(calc "$killed_uploaded / 1048576") MiB uploaded, $segments_before segment objects in the bucket, $(calc "$killed_log_bytes / 1048576") MiB in the log (nbdcopy took ${backlog_write_seconds} s with s3s-fs down); restarted gateway: ready $(drain replay_seconds) s after start (log replay), $(calc "$(drain uploaded_at_ready) / 1048576") MiB uploaded before ready (not counted), then $(calc "$(drain uploaded_bytes) / 1048576") MiB in $(drain segments) segments in $(drain drain_seconds) s; from process start: $(calc "$(drain uploaded_at_drained) / 1048576 / $(drain start_to_drained_seconds)") MiB/s; earlier method: drained in ${inline_drain_seconds} s, nbdcopy done at ${inline_write_seconds} s, $(calc "$inline_uploaded / 1048576") MiB uploaded; second PUT sample (8 at once) $(s3_figure s3-baseline-8x8 put.mib_per_second) MiB/s" \
+    baseline_label="aws-sdk-s3 PUT, 8 MiB objects, 4 at once, $SAME_LABEL" \
+    second="$(s3_figure s3-baseline-other put.mib_per_second)" \
+    second_label="aws-sdk-s3 PUT, 8 MiB objects, 4 at once, $OTHER_LABEL" \
+    notes="earlier method (from the first write until drained, S3 up): $(calc "$UPLOAD_MIB / $inline_drain_seconds") MiB/s; before the kill: $(calc "$killed_uploaded / 1048576") MiB uploaded, $segments_before segment objects in the bucket, $(calc "$killed_log_bytes / 1048576") MiB in the log (nbdcopy took ${backlog_write_seconds} s with s3s-fs down); restarted gateway: ready $(drain replay_seconds) s after start (log replay), $(calc "$(drain uploaded_at_ready) / 1048576") MiB uploaded before ready (not counted), then $(calc "$(drain uploaded_bytes) / 1048576") MiB in $(drain segments) segments in $(drain drain_seconds) s; from process start: $(calc "$(drain uploaded_at_drained) / 1048576 / $(drain start_to_drained_seconds)") MiB/s; earlier method: drained in ${inline_drain_seconds} s, nbdcopy done at ${inline_write_seconds} s, $(calc "$inline_uploaded / 1048576") MiB uploaded; second PUT sample (8 at once) $(s3_figure s3-baseline-8x8 put.mib_per_second) MiB/s" \
     command="stop s3s-fs; nbdcopy --flush upload.data \$URI; kill -9 the gateway; start s3s-fs; start the gateway on the same data dir; time from its ready line until blockgate_volume_log_bytes is 0 (bench_helper.py drain-timer)" \
-    command="\$CARGO_TARGET_DIR/release/s3-baseline --endpoint http://127.0.0.1:PORT --bucket $BUCKET --region $AWS_REGION --access-key K --secret-key S --total-mib $UPLOAD_MIB"
+    command="\$CARGO_TARGET_DIR/release/s3-baseline --endpoint http://127.0.0.1:PORT --bucket $BUCKET --region $AWS_REGION --access-key K --secret-key S --total-mib $UPLOAD_MIB ${SAME_SHAPE[*]}"
 
 # --- (e) cold read from S3 --------------------------------------------------------------------
 log "(e) cold read: a gateway with a fresh data directory reads volume upload from S3"
@@ -407,6 +433,44 @@ cold_seconds=$(elapsed "$started" "$finished")
     command="\$CARGO_TARGET_DIR/release/s3-baseline ... --total-mib $UPLOAD_MIB --get-range-mib 8 --concurrency 8"
 stop_gateway
 
+fi
+
+# --- (h) sustained sequential writes beyond the write log --------------------------------------
+# A write-back gateway takes a burst at local speed until its write log is full; from then on
+# writes wait for uploads (DESIGN.md 9.6), so a stream longer than the log goes at the rate the
+# log drains to S3. The baseline is that bound: raw PUTs to the same S3 server, sampled before
+# and after the gateway's run (their mean; both in the notes). fio's ramp time covers filling
+# the log, so the figure is the steady state.
+if want h; then
+put_sample() { # NAME: one raw-PUT sample (and GETs, not used here) into $RAW/NAME.json
+    settle
+    "$S3_BASELINE" --endpoint "$S3_ENDPOINT" --bucket "$BUCKET" --region "$AWS_REGION" \
+        --access-key "$AWS_ACCESS_KEY_ID" --secret-key "$AWS_SECRET_ACCESS_KEY" \
+        --total-mib "$UPLOAD_MIB" "${SAME_SHAPE[@]}" >"$RAW/$1.json"
+}
+H_RAMP=10
+log "(h) sustained 1 MiB sequential writes into the default 1 GiB write log, ${RUNTIME}s after a ${H_RAMP}s ramp"
+put_sample h-put-before
+settle
+start_gateway gw-sustain sustain --volume "stream=${REGION_MIB}MiB"
+FIO_H=(--rw=write --bs=1m --iodepth=8 --time_based --ramp_time="$H_RAMP" --runtime="$RUNTIME")
+fio --name=h --ioengine=nbd --uri="nbd+unix:///stream?socket=$GATEWAY_DIR/nbd.sock" \
+    --size="${REGION_MIB}m" "${FIO_H[@]}" --output-format=json --output="$RAW/h-blockgate.json" >/dev/null
+h_waits=$(metric blockgate_volume_log_full_waits_total stream)
+h_uploaded=$(metric blockgate_volume_uploaded_bytes_total stream)
+h_log=$(metric blockgate_volume_log_bytes stream)
+stop_gateway
+put_sample h-put-after
+h_put_before=$("${HELPER[@]}" json "$RAW/h-put-before.json" put.mib_per_second)
+h_put_after=$("${HELPER[@]}" json "$RAW/h-put-after.json" put.mib_per_second)
+"${HELPER[@]}" row "$ROWS" row=h unit=MiB/s \
+    what="1 MiB sequential write, QD8, sustained beyond the write log (steady state)" \
+    blockgate="$(fio_figure h-blockgate mibps write)" \
+    baseline="$(calc "($h_put_before + $h_put_after) / 2")" \
+    baseline_label="aws-sdk-s3 PUT, 8 MiB objects, 4 at once, $SAME_LABEL: mean of the samples before and after" \
+    notes="PUT samples $(calc "$h_put_before") and $(calc "$h_put_after") MiB/s; $(calc "$(fio_figure h-blockgate ios write) / 1024") GiB written in the timed part; writes that waited for log space: $h_waits; $(calc "$h_uploaded / 1073741824") GiB uploaded in all, $(calc "$h_log / 1048576") MiB in the log at the end (default --log-capacity 1GiB)" \
+    command="fio --name=h --ioengine=nbd --uri=\$URI --size=${REGION_MIB}m ${FIO_H[*]}" \
+    command="\$CARGO_TARGET_DIR/release/s3-baseline --endpoint http://127.0.0.1:PORT --bucket $BUCKET --region $AWS_REGION --access-key K --secret-key S --total-mib $UPLOAD_MIB ${SAME_SHAPE[*]}"
 fi
 
 # --- (f), (g) a 1 TiB volume after scattered writes ---------------------------------------------
@@ -478,7 +542,7 @@ HEADER=$RAW/header.md
     echo "- machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), disk: $(df -h --output=source,fstype "$WORK" | tail -n1 | xargs) (work dir $WORK)"
     echo "- load average (1, 5, 15 min) at the start: $LOAD_AT_START; at the end: $(cut -d' ' -f1-3 /proc/loadavg) (the machine is shared; compare rows, not runs)"
     echo "- servers: s3s-fs $(s3s-fs --version 2>/dev/null | awk '{print $2}'), $(qemu-nbd --version | head -n1), $(fio --version)"
-    echo "- gateway: release build, defaults except --seal-interval-ms 200, --gc-interval-seconds 0, --cache-capacity $((REGION_MIB * 2))MiB (row a-c gateway) and --log-capacity $((UPLOAD_MIB * 2 + 64))MiB (row d gateway); store s3s-fs on the same disk"
+    echo "- gateway: release build, defaults except --seal-interval-ms 200, --gc-interval-seconds 0, --cache-capacity $((REGION_MIB * 2))MiB (row a-c gateway) and --log-capacity $((REGION_MIB * 2 + 64))MiB (row a-c gateway), --log-capacity $((UPLOAD_MIB * 2 + 64))MiB (row d gateway), defaults (row h gateway); store s3s-fs on the same disk"
 }>"$HEADER"
 "${HELPER[@]}" render "$ROWS" "$HEADER" | tee "$OUT/results.md"
 echo >&2

@@ -60,6 +60,11 @@ struct Args {
     /// Leave the objects in the bucket.
     #[arg(long)]
     keep: bool,
+    /// Send PUTs as the gateway does by default: the payload unsigned (`UNSIGNED-PAYLOAD`)
+    /// with its CRC32C in `x-amz-checksum-crc32c` for the server to verify. Without it, the
+    /// SDK's default: the payload's SHA-256 in the signature.
+    #[arg(long)]
+    unsigned_payload: bool,
 }
 
 #[tokio::main]
@@ -81,6 +86,7 @@ async fn main() -> anyhow::Result<()> {
     let mut data = vec![0u8; usize::try_from(object_bytes).context("--object-mib too large")?];
     rand::thread_rng().fill_bytes(&mut data);
     let data = Bytes::from(data);
+    let data_crc32c = base64_crc32c(&data);
     let keys: Vec<String> = (0..objects)
         .map(|index| format!("{prefix}/{index:08}"))
         .collect();
@@ -91,16 +97,25 @@ async fn main() -> anyhow::Result<()> {
             let client = &client;
             let data = data.clone();
             let bucket = &args.bucket;
+            let unsigned = args.unsigned_payload;
+            let data_crc32c = &data_crc32c;
             async move {
-                client
+                let request = client
                     .put_object()
                     .bucket(bucket)
                     .key(key)
-                    .body(ByteStream::from(data))
-                    .send()
-                    .await
-                    .with_context(|| format!("PUT {key}"))
-                    .map(|_| ())
+                    .body(ByteStream::from(data));
+                let sent = if unsigned {
+                    request
+                        .checksum_crc32_c(data_crc32c)
+                        .customize()
+                        .disable_payload_signing()
+                        .send()
+                        .await
+                } else {
+                    request.send().await
+                };
+                sent.with_context(|| format!("PUT {key}")).map(|_| ())
             }
         })
         .buffer_unordered(concurrency)
@@ -179,6 +194,7 @@ async fn main() -> anyhow::Result<()> {
         "bucket": args.bucket,
         "prefix": prefix,
         "concurrency": concurrency,
+        "unsigned_payload": args.unsigned_payload,
         "put": {
             "objects": objects,
             "object_bytes": object_bytes,
@@ -217,4 +233,9 @@ async fn client(args: &Args) -> Client {
         .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
         .build();
     Client::from_conf(config)
+}
+
+/// The `x-amz-checksum-crc32c` value of `data`: its CRC32C, big-endian, in base64.
+fn base64_crc32c(data: &[u8]) -> String {
+    aws_smithy_types::base64::encode(crc32c::crc32c(data).to_be_bytes())
 }
