@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use blockgate_blockstore::documents::Mode;
+use blockgate_engine::EngineConfig;
 use blockgate_objstore::{FaultStore, MemoryStore, ObjectStore};
 
 mod common;
@@ -223,4 +224,74 @@ async fn a_real_s3_server_going_away_loses_no_write() {
         "the snapshot cut during the outage",
     );
     engine.shutdown().await;
+}
+
+/// A backlog uploaded after a restart asks the bucket whether a newer writer holds the volume
+/// once, not once per segment: each ask is a listing, a request that is billed and that some
+/// servers answer by walking the bucket. (A writer taken over still uploads nothing it sealed
+/// after the takeover: tests/fencing.rs.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_uploaded_after_a_restart_checks_for_a_newer_writer_once() {
+    let memory: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+    let (faulty, faults) = FaultStore::new(memory.clone());
+    let store: Arc<dyn ObjectStore> = Arc::new(faulty);
+    let dir = tempfile::tempdir().unwrap();
+    let no_checkpoints = EngineConfig {
+        checkpoint_every: 1000,
+        ..config()
+    };
+    let engine = open(dir.path(), &store, no_checkpoints.clone()).await;
+    let volume = create(&engine, "vol", SIZE, Mode::Cached).await;
+    let mut expected = vec![0u8; usize::try_from(SIZE).unwrap()];
+    faults.set_outage(true);
+    const SEGMENTS: usize = 12;
+    for n in 0..SEGMENTS {
+        let data = pattern(n as u64, CHUNK);
+        volume.write((n * CHUNK) as u64, &data, true).await.unwrap();
+        expected[n * CHUNK..(n + 1) * CHUNK].copy_from_slice(&data);
+        volume.seal_now().unwrap();
+    }
+    engine.shutdown().await;
+    drop((volume, engine));
+    faults.set_outage(false);
+
+    let checks_before = fence_checks(&faults);
+    let engine = open(dir.path(), &store, no_checkpoints).await;
+    let volume = engine.volume("vol").unwrap();
+    wait_uploaded(&volume).await;
+    let segments = memory
+        .list("volumes/vol/segments/", None)
+        .await
+        .unwrap()
+        .keys
+        .len();
+    assert!(segments >= SEGMENTS, "{segments} segments in the bucket");
+    // Opening the volume lists its checkpoints to recover it (once), then the uploader asks
+    // once for the whole backlog: it was sealed before the check started.
+    assert_eq!(
+        fence_checks(&faults) - checks_before,
+        2,
+        "listings of checkpoints from the restart until {segments} segments were uploaded: {:?}",
+        faults.listed_prefixes()
+    );
+    engine.shutdown().await;
+    drop((volume, engine));
+
+    let fresh = tempfile::tempdir().unwrap();
+    let engine = open(fresh.path(), &memory, config()).await;
+    assert_same(
+        &read_all(&engine.volume("vol").unwrap()).await,
+        &expected,
+        "the volume rebuilt from the bucket",
+    );
+    engine.shutdown().await;
+}
+
+/// Listings of a volume's checkpoints: how the engine asks whether a newer writer took over.
+fn fence_checks(faults: &blockgate_objstore::Faults) -> usize {
+    faults
+        .listed_prefixes()
+        .iter()
+        .filter(|prefix| prefix.contains("/checkpoints"))
+        .count()
 }

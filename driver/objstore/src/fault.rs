@@ -36,6 +36,8 @@ struct FaultState {
     failing_gets: AtomicU64,
     puts: AtomicU64,
     gets: AtomicU64,
+    /// The prefix of every listing answered, in order.
+    listed: std::sync::Mutex<Vec<String>>,
 }
 
 /// A store that passes requests to another store unless told to fail them.
@@ -125,6 +127,15 @@ impl Faults {
         self.state.failing_gets.store(n, Ordering::SeqCst);
     }
 
+    /// The prefixes of the listings answered so far (a page each), oldest first.
+    pub fn listed_prefixes(&self) -> Vec<String> {
+        self.state
+            .listed
+            .lock()
+            .map(|listed| listed.clone())
+            .unwrap_or_default()
+    }
+
     /// How many puts have succeeded.
     pub fn puts(&self) -> u64 {
         self.state.puts.load(Ordering::SeqCst)
@@ -170,7 +181,11 @@ impl ObjectStore for FaultStore {
         continuation: Option<String>,
     ) -> Result<ListPage, ObjectStoreError> {
         self.fault("list", prefix, None)?;
-        self.inner.list(prefix, continuation).await
+        let page = self.inner.list(prefix, continuation).await?;
+        if let Ok(mut listed) = self.state.listed.lock() {
+            listed.push(prefix.to_owned());
+        }
+        Ok(page)
     }
 
     async fn delete(&self, key: &str) -> Result<(), ObjectStoreError> {
