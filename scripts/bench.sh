@@ -30,6 +30,8 @@
 #   BENCH_WORK_DIR                where everything runs (default: a new temp directory; its
 #                                 filesystem is the disk being measured)
 #   BENCH_KEEP=1                  keep the work directory
+#   BENCH_S3_CPUS                 CPUs the S3 server may use (taskset list; default: the last
+#                                 one, standing in for a remote server's own CPUs; `all`: any)
 #   BENCH_GATEWAY_FLAGS           extra `serve` flags for every gateway (e.g. --s3-sign-payload;
 #                                 the PUT baselines then sign too)
 #   BENCH_ROWS=abcdefgh           the rows to run, by letter, in groups: a-c run together, d-e
@@ -49,6 +51,17 @@ REGION_MIB=${BENCH_REGION_MIB:-1024}
 UPLOAD_MIB=${BENCH_UPLOAD_MIB:-1024}
 ROWS_WANTED=${BENCH_ROWS:-abcdefgh}
 read -r -a GATEWAY_FLAGS <<<"${BENCH_GATEWAY_FLAGS:-}"
+# The S3 server stands for a remote one, which does not take the gateway's CPU: by default it
+# runs on the last CPU only (taskset), so that its own work (s3s-fs spends about 3 core-seconds
+# per GiB stored, mostly MD5) cannot crowd out the client side; the gateway, the baselines and
+# the tools run anywhere. BENCH_S3_CPUS=all lets it run on every CPU, as before 2026-12-06.
+S3_CPUS=${BENCH_S3_CPUS:-$(($(nproc) - 1))}
+S3_PIN=()
+if [ "$S3_CPUS" != all ] && [ "$(nproc)" -gt 1 ]; then
+    S3_PIN=(taskset -c "$S3_CPUS")
+else
+    S3_CPUS=all
+fi
 # The PUT baseline sends the request the gateway sends: by default an unsigned payload with
 # its CRC32C (--s3-sign-payload in BENCH_GATEWAY_FLAGS: a signed one). The other kind is a
 # second sample, so the table shows what payload signing itself costs.
@@ -73,7 +86,7 @@ export AWS_ACCESS_KEY_ID=blockgate-bench
 export AWS_SECRET_ACCESS_KEY=blockgate-bench-secret
 export AWS_REGION=us-east-1
 LOAD_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
-INVOCATION="BENCH_GATEWAY_FLAGS='${GATEWAY_FLAGS[*]}' BENCH_ROWS=$ROWS_WANTED BENCH_RUNTIME=$RUNTIME BENCH_SCATTERED_WRITES=$SCATTERED_WRITES BENCH_REGION_MIB=$REGION_MIB BENCH_UPLOAD_MIB=$UPLOAD_MIB scripts/bench.sh"
+INVOCATION="BENCH_S3_CPUS=$S3_CPUS BENCH_GATEWAY_FLAGS='${GATEWAY_FLAGS[*]}' BENCH_ROWS=$ROWS_WANTED BENCH_RUNTIME=$RUNTIME BENCH_SCATTERED_WRITES=$SCATTERED_WRITES BENCH_REGION_MIB=$REGION_MIB BENCH_UPLOAD_MIB=$UPLOAD_MIB scripts/bench.sh"
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 die() { printf 'bench.sh: %s\n' "$*" >&2; exit 1; }
@@ -128,7 +141,7 @@ mkdir -p "$WORK/s3/$BUCKET"
 S3_PID=
 start_s3() { # (re)starts s3s-fs on $S3_PORT over $WORK/s3; sets S3_PID
     log "s3s-fs on $S3_ENDPOINT (root $WORK/s3)"
-    s3s-fs --host 127.0.0.1 --port "$S3_PORT" --access-key "$AWS_ACCESS_KEY_ID" \
+    "${S3_PIN[@]}" s3s-fs --host 127.0.0.1 --port "$S3_PORT" --access-key "$AWS_ACCESS_KEY_ID" \
         --secret-key "$AWS_SECRET_ACCESS_KEY" "$WORK/s3" >>"$WORK/s3s-fs.log" 2>&1 &
     S3_PID=$!
     STARTED+=("$S3_PID")
@@ -541,7 +554,7 @@ HEADER=$RAW/header.md
     echo "- commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$([ -z "$(git status --porcelain 2>/dev/null)" ] || echo ' (with uncommitted changes)')"
     echo "- machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), disk: $(df -h --output=source,fstype "$WORK" | tail -n1 | xargs) (work dir $WORK)"
     echo "- load average (1, 5, 15 min) at the start: $LOAD_AT_START; at the end: $(cut -d' ' -f1-3 /proc/loadavg) (the machine is shared; compare rows, not runs)"
-    echo "- servers: s3s-fs $(s3s-fs --version 2>/dev/null | awk '{print $2}'), $(qemu-nbd --version | head -n1), $(fio --version)"
+    echo "- servers: s3s-fs $(s3s-fs --version 2>/dev/null | awk '{print $2}') (CPUs: $S3_CPUS), $(qemu-nbd --version | head -n1), $(fio --version)"
     echo "- gateway: release build, defaults except --seal-interval-ms 200, --gc-interval-seconds 0, --cache-capacity $((REGION_MIB * 2))MiB (row a-c gateway) and --log-capacity $((REGION_MIB * 2 + 64))MiB (row a-c gateway), --log-capacity $((UPLOAD_MIB * 2 + 64))MiB (row d gateway), defaults (row h gateway); store s3s-fs on the same disk"
 }>"$HEADER"
 "${HELPER[@]}" render "$ROWS" "$HEADER" | tee "$OUT/results.md"
