@@ -208,6 +208,17 @@ settle() {
     sync
 }
 
+# s3_baseline NAME [s3-baseline flags...]: after a sync, raw PUTs and ranged GETs of
+# BENCH_UPLOAD_MIB against the bucket, into $RAW/NAME.json.
+s3_baseline() {
+    local name=$1
+    shift
+    settle
+    "$S3_BASELINE" --endpoint "$S3_ENDPOINT" --bucket "$BUCKET" --region "$AWS_REGION" \
+        --access-key "$AWS_ACCESS_KEY_ID" --secret-key "$AWS_SECRET_ACCESS_KEY" \
+        --total-mib "$UPLOAD_MIB" "$@" >"$RAW/$name.json"
+}
+
 drained() { # VOLUME: true once the volume's write log is empty (everything is in S3)
     [ "$(metric blockgate_volume_log_bytes "$1")" = 0 ] &&
         [ "$(metric blockgate_volume_upload_backlog_segments "$1")" = 0 ]
@@ -401,20 +412,11 @@ launch_gateway gw-up up "${UP_FLAGS[@]}"
 stop_gateway
 drain() { "${HELPER[@]}" json "$RAW/d-drain.json" "$1"; }
 
-settle
-"$S3_BASELINE" --endpoint "$S3_ENDPOINT" --bucket "$BUCKET" --region "$AWS_REGION" \
-    --access-key "$AWS_ACCESS_KEY_ID" --secret-key "$AWS_SECRET_ACCESS_KEY" \
-    --total-mib "$UPLOAD_MIB" "${SAME_SHAPE[@]}" >"$RAW/s3-baseline.json"
+s3_baseline s3-baseline "${SAME_SHAPE[@]}"
 # The read-ahead fetches 8 MiB pieces, 8 at once: the same GETs, as a second opinion for row e
 # (and a second PUT sample, 8 at once).
-settle
-"$S3_BASELINE" --endpoint "$S3_ENDPOINT" --bucket "$BUCKET" --region "$AWS_REGION" \
-    --access-key "$AWS_ACCESS_KEY_ID" --secret-key "$AWS_SECRET_ACCESS_KEY" \
-    --total-mib "$UPLOAD_MIB" --get-range-mib 8 --concurrency 8 "${SAME_SHAPE[@]}" >"$RAW/s3-baseline-8x8.json"
-settle
-"$S3_BASELINE" --endpoint "$S3_ENDPOINT" --bucket "$BUCKET" --region "$AWS_REGION" \
-    --access-key "$AWS_ACCESS_KEY_ID" --secret-key "$AWS_SECRET_ACCESS_KEY" \
-    --total-mib "$UPLOAD_MIB" "${OTHER_SHAPE[@]}" >"$RAW/s3-baseline-other.json"
+s3_baseline s3-baseline-8x8 --get-range-mib 8 --concurrency 8 "${SAME_SHAPE[@]}"
+s3_baseline s3-baseline-other "${OTHER_SHAPE[@]}"
 s3_figure() { "${HELPER[@]}" json "$RAW/$1.json" "$2" | xargs printf '%.1f'; }
 "${HELPER[@]}" row "$ROWS" row=d unit=MiB/s \
     what="upload to S3 from a backlog (${UPLOAD_MIB} MiB written while S3 was down; restarted gateway, from ready until the log is empty)" \
@@ -455,15 +457,9 @@ fi
 # and after the gateway's run (their mean; both in the notes). fio's ramp time covers filling
 # the log, so the figure is the steady state.
 if want h; then
-put_sample() { # NAME: one raw-PUT sample (and GETs, not used here) into $RAW/NAME.json
-    settle
-    "$S3_BASELINE" --endpoint "$S3_ENDPOINT" --bucket "$BUCKET" --region "$AWS_REGION" \
-        --access-key "$AWS_ACCESS_KEY_ID" --secret-key "$AWS_SECRET_ACCESS_KEY" \
-        --total-mib "$UPLOAD_MIB" "${SAME_SHAPE[@]}" >"$RAW/$1.json"
-}
 H_RAMP=10
 log "(h) sustained 1 MiB sequential writes into the default 1 GiB write log, ${RUNTIME}s after a ${H_RAMP}s ramp"
-put_sample h-put-before
+s3_baseline h-put-before "${SAME_SHAPE[@]}"
 settle
 start_gateway gw-sustain sustain --volume "stream=${REGION_MIB}MiB"
 FIO_H=(--rw=write --bs=1m --iodepth=8 --time_based --ramp_time="$H_RAMP" --runtime="$RUNTIME")
@@ -473,7 +469,7 @@ h_waits=$(metric blockgate_volume_log_full_waits_total stream)
 h_uploaded=$(metric blockgate_volume_uploaded_bytes_total stream)
 h_log=$(metric blockgate_volume_log_bytes stream)
 stop_gateway
-put_sample h-put-after
+s3_baseline h-put-after "${SAME_SHAPE[@]}"
 h_put_before=$("${HELPER[@]}" json "$RAW/h-put-before.json" put.mib_per_second)
 h_put_after=$("${HELPER[@]}" json "$RAW/h-put-after.json" put.mib_per_second)
 "${HELPER[@]}" row "$ROWS" row=h unit=MiB/s \

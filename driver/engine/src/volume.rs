@@ -1354,7 +1354,8 @@ impl Volume {
             tokio::task::spawn_blocking(move || build_segment(&file, length, name, volume_size));
         let (built, first_check) =
             tokio::join!(build, self.check_fenced_for_segment(sealed.sealed_at));
-        let build_time = started.elapsed();
+        // The build and the fence check together.
+        let prepare_time = started.elapsed();
         let (object, runs) = match built {
             Ok(Ok(built)) => built,
             Ok(Err(error)) => {
@@ -1391,7 +1392,7 @@ impl Volume {
                     self.limiter.acquire(object.len() as u64).await;
                     let putting = Instant::now();
                     let put = self.store.put(&key, object.clone()).await;
-                    tracing::debug!(volume = %self.id, segment = %name, bytes = object.len(), ?build_time, put_time = ?putting.elapsed(), "segment uploaded");
+                    tracing::debug!(volume = %self.id, segment = %name, bytes = object.len(), ?prepare_time, put_time = ?putting.elapsed(), "segment uploaded");
                     put
                 }
                 Err(error) => Err(error),

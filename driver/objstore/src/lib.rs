@@ -29,7 +29,7 @@ pub use fault::{FaultStore, Faults};
 pub use local::LocalDirStore;
 pub use memory::MemoryStore;
 #[cfg(feature = "s3")]
-pub use s3::{PART_SIZE, S3Config, S3ConfigError, S3Store, SINGLE_PUT_LIMIT};
+pub use s3::{PART_SIZE, S3Config, S3ConfigError, S3Store, SINGLE_PUT_LIMIT, body_crc32c};
 #[cfg(feature = "s3-test-server")]
 pub use s3_server::{S3sFsServer, TEST_BUCKET};
 

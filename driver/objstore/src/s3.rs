@@ -582,7 +582,7 @@ impl ObjectStore for S3Store {
 
 /// The total size from a `Content-Range` header (`bytes 0-9/1234` or `bytes */1234`).
 /// The `x-amz-checksum-crc32c` value of an upload body: its CRC32C, big-endian, in base64.
-fn body_crc32c(body: &[u8]) -> String {
+pub fn body_crc32c(body: &[u8]) -> String {
     aws_smithy_types::base64::encode(crc32c::crc32c(body).to_be_bytes())
 }
 

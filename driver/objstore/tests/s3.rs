@@ -228,9 +228,7 @@ async fn the_server_refuses_an_unsigned_body_whose_crc32c_does_not_match() {
             .build(),
     );
     let body = Bytes::from_static(b"the bytes that were sent");
-    let checksum_of_other_bytes = aws_smithy_types::base64::encode(
-        crc32c::crc32c(b"the bytes that were meant").to_be_bytes(),
-    );
+    let checksum_of_other_bytes = blockgate_objstore::body_crc32c(b"the bytes that were meant");
     let refused = client
         .put_object()
         .bucket(TEST_BUCKET)
@@ -245,7 +243,7 @@ async fn the_server_refuses_an_unsigned_body_whose_crc32c_does_not_match() {
     // s3s-fs 0.14 moves the body into place before it compares the checksum, so the refused
     // bytes stay under the key (AWS stores nothing); the retry replaces them.
 
-    let matching = aws_smithy_types::base64::encode(crc32c::crc32c(&body).to_be_bytes());
+    let matching = blockgate_objstore::body_crc32c(&body);
     client
         .put_object()
         .bucket(TEST_BUCKET)
